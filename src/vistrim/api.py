@@ -1,0 +1,55 @@
+"""Public entry points: ``trim`` (context manager), ``apply``/``remove``, ``methods``, ``build``."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .errors import VistrimError
+from .methods import REGISTRY, Method, build  # noqa: F401  (re-exported)
+from .runtime.session import Session
+
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def methods() -> dict[str, type[Method]]:
+    """Registered method names and their classes."""
+    return dict(REGISTRY)
+
+
+def apply(model: torch.nn.Module, method: str | Method = "none", **settings) -> Session:
+    """Install trimming hooks on ``model`` (this instance only) and return the session.
+
+    Prefer ``with trim(...)``; for notebooks, undo with ``remove(model)``.
+    """
+    if model in _ACTIVE:
+        raise VistrimError("this model is already trimmed; call vistrim.remove(model) first")
+    session = Session(model, build(method, **settings))
+    session.install()
+    _ACTIVE[model] = session
+    return session
+
+
+def remove(model: torch.nn.Module) -> None:
+    """Remove every hook vistrim installed on ``model`` (no-op if none)."""
+    session = _ACTIVE.pop(model, None)
+    if session is not None:
+        session.remove()
+
+
+@contextmanager
+def trim(model: torch.nn.Module, method: str | Method = "none", **settings) -> Iterator[Session]:
+    """Trim visual tokens of ``model`` inside the block; hooks are removed on exit, also on error.
+
+    >>> with vistrim.trim(model, "fastv", keep=0.25) as session:
+    ...     out = model.generate(**inputs, max_new_tokens=32)
+    >>> session.stats.layer_average_mean()
+    """
+    session = apply(model, method, **settings)
+    try:
+        yield session
+    finally:
+        remove(model)

@@ -1,0 +1,46 @@
+"""PyramidDrop: a fraction of the visual tokens leaves at the end of each stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ops.select import budget_counts
+from .base import Method, check_range, register
+
+
+@register
+@dataclass
+class PyramidDrop(Method):
+    """PyramidDrop (Xing et al., CVPR 2025, arXiv 2410.17247).
+
+    The decoder is split into S equal stages; at the end of each stage but the last, a fraction
+    lambda of the remaining visual tokens is kept, ranked by the attention of the last instruction
+    token at the stage's last layer (rebuilt from q and k). Paper symbols -> fields: S -> ``stages``
+    (4 stages of 8 layers in a 32-layer model, scaled to the model's depth), lambda -> ``ratio``.
+    Choice: the ranking uses the last layer of the ending stage (as FastV uses layer K-1), so no
+    extra key projection is computed for the first layer of the next stage.
+    """
+
+    name = "pdrop"
+    summary = "at the end of each of S equal stages keep a fraction lambda of the visual tokens"
+
+    stages: int = 4
+    ratio: float = 0.5
+
+    def validate(self) -> None:
+        check_range(self.stages, "pdrop.stages", low=1)
+        check_range(self.ratio, "pdrop.ratio", 0.0, 1.0)
+
+    def bind(self, geo) -> None:
+        check_range(self.stages, "pdrop.stages", 1, geo.num_layers)
+
+    def stage_ends(self, num_layers: int) -> list[int]:
+        """Last layer of every stage but the final one."""
+        return [round(s * num_layers / self.stages) - 1 for s in range(1, self.stages)]
+
+    def prefill_layers(self, geo):
+        return self.stage_ends(geo.num_layers)
+
+    def on_prefill_layer(self, ctx, layer: int) -> None:
+        scores = ctx.attention("last").probs[:, 0]
+        ctx.keep_top(scores, budget_counts(self.ratio, ctx.visual_counts()))

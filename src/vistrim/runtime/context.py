@@ -1,0 +1,210 @@
+"""What a method sees and may do during one forward pass.
+
+A method never touches tensors of the model directly: it reads attention rows and token counts
+from a ``Context`` and answers with keep-masks over *visual slots* (the visual tokens of each
+row, padded to the longest row). The context turns those answers into removal from hidden
+states, positions, masks and caches.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import VistrimError
+from ..ops.attention import attention_probs
+from ..ops.compact import gather_rows, removal_index
+from ..ops.select import topk_mask
+from .cache import TrackedLayer, visual_slots
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass
+class Rows:
+    """Attention paid by some query rows to the visual slots.
+
+    probs: (B, m, V) head-averaged, or (B, H, m, V) per head; zero for invalid queries/slots.
+    query_valid: (B, m) which query rows are real for each sample. slot_valid: (B, V).
+    """
+
+    probs: torch.Tensor
+    query_valid: torch.Tensor
+    slot_valid: torch.Tensor
+
+
+class PromptState:
+    """The prompt entries the next decoder layer processes during prefill.
+
+    src: (B, n) index of each entry in the padded input; live: (B, n) attended (False for padding
+    and for masked holes); visual: (B, n). ``version`` changes whenever the state changes.
+    """
+
+    def __init__(self, src: torch.Tensor, live: torch.Tensor, visual: torch.Tensor, version: int = 0):
+        self.src, self.live, self.visual, self.version = src, live, visual, version
+        self.all_live = bool(live.all())
+        self._slots = None
+
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._slots is None:
+            self._slots = visual_slots(self.visual, self.live)
+        return self._slots
+
+
+class Context:
+    def __init__(self, session, phase: str, cache, attention_mask: torch.Tensor | None, prompt_ids=None):
+        self.session = session
+        self.geometry = session.adapter.geometry
+        self.phase = phase
+        self.cache = cache
+        self.attention_mask = attention_mask  # 2-D, original coordinates, may be None
+        self.prompt_ids = prompt_ids  # (B, T) during prefill
+        self.layer = -1
+        self.state: PromptState | None = None
+        self.frozen: torch.Tensor | None = None  # full-length hidden states for dropped tokens
+        self.strip_cache = False
+        self.tail_all_live = True  # decoding: the 2-D mask has no zeros after the prompt
+        self._cut: torch.Tensor | None = None
+        self._stash: tuple | None = None
+        self._masks: dict = {}
+        self._rope: tuple | None = None
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def batch_size(self) -> int:
+        return self.cache.layers[0].pos.shape[0] if self.phase == DECODE else self.state.src.shape[0]
+
+    @property
+    def step(self) -> int:
+        """Decode step t of the tokens being processed: 0 for the first generated token."""
+        return self.cache.layers[0].generated if self.phase == DECODE else -1
+
+    def visual_slots(self, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, valid) of the visual slots: of the prefill state, or of cache ``layer``."""
+        if layer is None and self.phase == PREFILL:
+            return self.state.slots()
+        return self.cache_layer(self.layer if layer is None else layer).visual_slots()
+
+    def visual_counts(self, layer: int | None = None) -> torch.Tensor:
+        """(B,) live visual tokens per sample: in the prefill state, or in cache ``layer``."""
+        return self.visual_slots(layer)[1].sum(-1)
+
+    def initial_visual_counts(self) -> torch.Tensor:
+        """(B,) visual tokens each sample's prompt had before any pruning."""
+        return self.session.stats.visual_in
+
+    def cache_layer(self, layer: int) -> TrackedLayer:
+        return self.cache.layers[layer]
+
+    def sample_keys(self) -> list[int]:
+        """A stable integer per sample, from its unpadded prompt tokens (for seeded randomness that
+        does not depend on batch composition)."""
+        ids = self.prompt_ids
+        real = torch.ones_like(ids, dtype=torch.bool) if self.attention_mask is None else self.attention_mask.bool()
+        return [zlib.crc32(ids[b][real[b]].cpu().numpy().tobytes()) for b in range(ids.shape[0])]
+
+    @torch.no_grad()
+    def attention(self, queries: Literal["last", "text"] = "last", per_head: bool = False) -> Rows:
+        """Attention from query rows to the visual slots at the layer that just ran.
+
+        queries: ``last`` = the last token (of the prompt in prefill, the newest in decoding);
+        ``text`` = every live token after the last visual token (prefill only). Rebuilt from the
+        layer's queries and its cached keys; the model's own attention is never changed.
+        """
+        layer, hidden, cos, sin = self._stash
+        if queries == "text" and self.phase == PREFILL:
+            rows, query_valid = self._text_rows()
+        elif queries in ("last", "text"):
+            rows = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, device=hidden.device)
+            query_valid = torch.ones_like(rows, dtype=torch.bool)
+        else:
+            raise VistrimError(f"unknown query choice {queries!r} (use 'last' or 'text')")
+        q = self.session.adapter.query_rows(
+            layer, gather_rows(hidden, rows, 1), gather_rows(cos, rows, 1), gather_rows(sin, rows, 1)
+        )
+        keys = self.cache.layers[layer].keys
+        key_live = self._key_live(layer)
+        # Entry j is visible to query row r iff j <= r in the compact order (causality is kept by
+        # order-preserving compaction) and j is live.
+        offset = keys.shape[2] - hidden.shape[1]
+        causal = torch.arange(keys.shape[2], device=keys.device)[None, None, :] <= (rows + offset)[..., None]
+        allowed = (causal & key_live[:, None, :]) | ~query_valid[..., None]
+        probs = attention_probs(q, keys, self.session.adapter.scaling, allowed)
+        slot_index, slot_valid = self.visual_slots()
+        probs = probs.gather(-1, slot_index[:, None, None, :].expand(*probs.shape[:3], -1))
+        probs = probs * (slot_valid[:, None, None, :] & query_valid[:, None, :, None])
+        return Rows(probs if per_head else probs.mean(1), query_valid, slot_valid)
+
+    # ------------------------------------------------------------------ acting
+    def keep(self, keep_slots: torch.Tensor) -> None:
+        """Prefill: the layers after the current one see only the kept visual slots (B, V)."""
+        if self.phase != PREFILL:
+            raise VistrimError("internal: keep() is for prefill; use evict() during decoding")
+        st = self.state
+        index, valid = st.slots()
+        dead_slots = valid & ~keep_slots
+        if not bool(dead_slots.any()):
+            return
+        dead = torch.zeros_like(st.live).scatter_(1, index, dead_slots)
+        live = st.live & ~dead
+        cut = removal_index(st.visual & ~live)
+        src, visual = st.src, st.visual
+        if cut is not None:
+            src, live, visual = (t.gather(1, cut) for t in (src, live, visual))
+        self._cut = (cut, st.src)
+        self.state = PromptState(src, live, visual, st.version + 1)
+
+    def keep_top(self, scores: torch.Tensor, counts: torch.Tensor) -> None:
+        """Prefill: keep the ``counts`` (B,) highest-scoring live visual slots of each sample."""
+        self.keep(topk_mask(scores, counts, self.visual_slots()[1]))
+
+    def evict(self, layer: int, keep_slots: torch.Tensor) -> None:
+        """Remove from cache ``layer`` the live visual entries not kept (``keep_slots`` over that
+        layer's visual slots). Text and generated entries are never touched."""
+        cache_layer = self.cache_layer(layer)
+        index, valid = cache_layer.visual_slots()
+        dead_slots = valid & ~keep_slots
+        if bool(dead_slots.any()):
+            cache_layer.drop(torch.zeros_like(cache_layer.live).scatter_(1, index, dead_slots))
+
+    def evict_top(self, layer: int, scores: torch.Tensor, counts: torch.Tensor) -> None:
+        """Keep the ``counts`` (B,) highest-scoring visual entries of cache ``layer``."""
+        self.evict(layer, topk_mask(scores, counts, self.visual_slots(layer)[1]))
+
+    # ------------------------------------------------------------------ runtime side
+    def _text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self.state
+        n = st.visual.shape[1]
+        position = torch.arange(n, device=st.visual.device)
+        last_visual = torch.where(st.visual, position, -1).max(-1).values
+        first = int(last_visual.min()) + 1
+        rows = torch.arange(first, n, device=st.visual.device).expand(st.visual.shape[0], -1)
+        valid = (rows > last_visual[:, None]) & st.live[:, first:]
+        return rows, valid
+
+    def _key_live(self, layer: int) -> torch.Tensor:
+        cache_layer = self.cache.layers[layer]
+        extra = cache_layer.get_seq_length() - cache_layer.held_prompt
+        if extra == 0:
+            return cache_layer.live
+        return torch.cat([cache_layer.live, self._tail_mask(extra)], dim=1)
+
+    def _tail_mask(self, length: int) -> torch.Tensor:
+        """Liveness of the last ``length`` (generated) positions, from the 2-D attention mask."""
+        batch = self.cache.layers[0].pos.shape[0]
+        if self.attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=self.cache.layers[0].pos.device)
+        return self.attention_mask[:, self.attention_mask.shape[1] - length :].bool()
+
+    def take_cut(self, output: torch.Tensor) -> torch.Tensor:
+        """Apply the pending prefill cut to a layer's output and remember dropped tokens' states."""
+        cut, old_src = self._cut
+        self._cut = None
+        if self.frozen is None:
+            self.frozen = output.clone()
+        else:
+            self.frozen.scatter_(1, old_src[..., None].expand_as(output), output)
+        return output if cut is None else gather_rows(output, cut, 1)

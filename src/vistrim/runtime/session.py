@@ -1,0 +1,237 @@
+"""The trimming runtime: hooks on one model instance that remove visual tokens while it runs.
+
+A ``Session`` installs forward (pre-)hooks on the multimodal core, every decoder layer and the
+final norm of *one* model instance, and removes them in ``remove()``. Nothing is patched at class
+level; ``generate()`` runs unchanged.
+
+Prefill: the core pre-hook finds visual tokens from ``input_ids == image_token_id`` and gives the
+run a ``DynamicCache`` whose layers are ``TrackedLayer``. Each decoder layer's pre-hook records in
+its cache layer which prompt tokens it processes and, after a cut, slices the rotary embeddings and
+position ids and rebuilds the attention mask for that layer (with transformers' own mask builder,
+so every attention backend works). A method acts after a layer has run; a cut shortens that
+layer's output, and every deeper layer sees only the survivors, at their original positions. The
+final norm's pre-hook puts the sequence back to full length (dropped tokens carry the state they
+had when dropped), so logits keep the shape of ``input_ids``.
+
+Decoding: each layer's mask is rebuilt from what its own cache holds, and a method may evict
+visual entries from any cache layer after a layer has run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from ..errors import VistrimError
+from .adapters import adapter_for
+from .cache import TrackedLayer
+from .context import DECODE, PREFILL, Context, PromptState
+from .stats import RunStats
+
+
+class Session:
+    def __init__(self, model: torch.nn.Module, method) -> None:
+        self.model = model
+        self.method = method
+        self.adapter = adapter_for(model)
+        method.bind(self.adapter.geometry)
+        self.stats: RunStats | None = None
+        self._ctx: Context | None = None
+        self._handles: list = []
+        self._core_params = list(inspect.signature(self.adapter.core.forward).parameters)
+        geo = self.adapter.geometry
+        self._prefill_layers = frozenset(method.prefill_layers(geo))
+        self._decode_layers = frozenset(method.decode_layers(geo))
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        adapter = self.adapter
+        try:
+            self._handles.append(adapter.core.register_forward_pre_hook(self._core_pre, with_kwargs=True))
+            self._handles.append(adapter.core.register_forward_hook(self._core_post, with_kwargs=True))
+            for index, layer in enumerate(adapter.layers):
+                self._handles.append(layer.register_forward_pre_hook(partial(self._layer_pre, index), with_kwargs=True))
+                if index in self._prefill_layers or index in self._decode_layers:
+                    self._handles.append(layer.register_forward_hook(partial(self._layer_post, index)))
+            self._handles.append(adapter.norm.register_forward_pre_hook(self._norm_pre))
+            self.method.install(self)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.method.uninstall(self)
+        self._ctx = None
+
+    def add_handle(self, handle) -> None:
+        """For methods that hook elsewhere (e.g. the vision tower); removed with the session."""
+        self._handles.append(handle)
+
+    # ------------------------------------------------------------------ core hooks
+    def _core_pre(self, module, args, kwargs):
+        self._ctx = None
+        kwargs = {**dict(zip(self._core_params, args)), **kwargs}
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            if cache.layers and isinstance(cache.layers[0], TrackedLayer):
+                self._start_decode(cache, kwargs)
+            return (), kwargs
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            if kwargs.get("pixel_values") is not None:
+                raise VistrimError("vistrim needs input_ids to find the image tokens (inputs_embeds-only calls)")
+            return (), kwargs
+        visual = input_ids == self.adapter.geometry.image_token_id
+        if not bool(visual.any()):
+            return (), kwargs
+        self._start_prefill(input_ids, visual, kwargs)
+        return (), kwargs
+
+    def _start_prefill(self, input_ids: torch.Tensor, visual: torch.Tensor, kwargs: dict) -> None:
+        adapter = self.adapter
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = adapter.text_config.use_cache
+        if cache is None:
+            cache = DynamicCache(config=adapter.text_config)
+            kwargs["past_key_values"] = cache
+        adapter.check_cache(cache)
+        cache.layers = [TrackedLayer() for _ in adapter.layers]
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise VistrimError("vistrim needs a 2-D attention mask (batch, length) or none")
+        batch, length = input_ids.shape
+        live = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
+        src = torch.arange(length, device=input_ids.device).expand(batch, length)
+        ctx = Context(self, PREFILL, cache, attention_mask, prompt_ids=input_ids)
+        ctx.state = PromptState(src, live, visual & live)
+        ctx.strip_cache = not use_cache
+        self.stats = RunStats(
+            method=self.method.name,
+            settings=self.method.settings(),
+            batch_size=batch,
+            prompt_len=length,
+            visual_in=ctx.state.visual.sum(-1),
+        )
+        self.method.on_prefill_start(ctx)
+        self._ctx = ctx
+
+    def _start_decode(self, cache, kwargs: dict) -> None:
+        first = cache.layers[0]
+        ctx = Context(self, DECODE, cache, kwargs.get("attention_mask"))
+        # Unpatched models number new tokens by cache length; ours is shorter after pruning, so
+        # continue from the original length instead.
+        if kwargs.get("position_ids") is None:
+            reference = kwargs.get("input_ids")
+            if reference is None:
+                reference = kwargs["inputs_embeds"][..., 0]
+            start = first.prompt_len + first.generated
+            kwargs["position_ids"] = torch.arange(start, start + reference.shape[1], device=reference.device)[None]
+        ctx.tail_all_live = ctx.attention_mask is None or bool(ctx.attention_mask.all())
+        self._ctx = ctx
+
+    def _core_post(self, module, args, kwargs, output):
+        ctx, self._ctx = self._ctx, None
+        if ctx is None:
+            return None
+        if ctx.phase == PREFILL:
+            self.method.on_prefill_end(ctx)
+        self.stats.record_cache(ctx.cache, after_prefill=ctx.phase == PREFILL)
+        if ctx.strip_cache:
+            output.past_key_values = None
+        return output
+
+    # ------------------------------------------------------------------ layer hooks
+    def _layer_pre(self, index: int, module, args, kwargs):
+        ctx = self._ctx
+        if ctx is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if ctx.phase == PREFILL:
+            self._prefill_layer_geometry(ctx, index, hidden, kwargs)
+        else:
+            self._decode_layer_mask(ctx, index, hidden, kwargs)
+        if index in self._prefill_layers or index in self._decode_layers:
+            cos, sin = kwargs["position_embeddings"]
+            batch = hidden.shape[0]
+            ctx._stash = (index, hidden, cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:]))
+        return args, kwargs
+
+    def _prefill_layer_geometry(self, ctx: Context, index: int, hidden, kwargs: dict) -> None:
+        st = ctx.state
+        ctx.cache.layers[index].describe_prompt(ctx.prompt_ids.shape[1], st.src, st.live, st.visual, st.all_live)
+        self.stats.prefill_layers.append((st.src, st.live, st.visual))
+        if st.version == 0:
+            return
+        if ctx._rope is None or ctx._rope[0] != st.version:
+            cos, sin = kwargs["position_embeddings"]
+            batch = st.src.shape[0]
+            cos, sin = (_take(t.expand(batch, *t.shape[1:]), st.src) for t in (cos, sin))
+            position_ids = kwargs.get("position_ids")
+            if position_ids is not None:
+                position_ids = position_ids.expand(batch, -1).gather(1, st.src)
+            ctx._rope = (st.version, (cos, sin), position_ids)
+        kwargs["position_embeddings"], kwargs["position_ids"] = ctx._rope[1], ctx._rope[2]
+        if kwargs.get("attention_mask") is not None or not st.all_live:
+            kwargs["attention_mask"] = self._mask(ctx, ("prefill", st.version), st.live, hidden, index)
+
+    def _decode_layer_mask(self, ctx: Context, index: int, hidden, kwargs: dict) -> None:
+        layer = ctx.cache.layers[index]
+        if kwargs.get("attention_mask") is None and layer.all_live and ctx.tail_all_live:
+            return
+        length = layer.get_seq_length()
+        tail = length - layer.held_prompt + hidden.shape[1]
+        key = (id(layer.live), length)
+        if key not in ctx._masks:
+            pad2d = torch.cat([layer.live, ctx._tail_mask(tail)], dim=1)
+            ctx._masks[key] = (layer.live, self._build_mask(ctx, pad2d, hidden, index))
+        kwargs["attention_mask"] = ctx._masks[key][1]
+
+    def _mask(self, ctx: Context, key, pad2d, hidden, index: int):
+        if key not in ctx._masks:
+            ctx._masks[key] = (pad2d, self._build_mask(ctx, pad2d, hidden, index))
+        return ctx._masks[key][1]
+
+    def _build_mask(self, ctx: Context, pad2d, hidden, index: int):
+        return create_causal_mask(
+            config=self.adapter.text_config,
+            inputs_embeds=hidden,
+            attention_mask=pad2d,
+            past_key_values=ctx.cache,
+            layer_idx=index,
+        )
+
+    def _layer_post(self, index: int, module, args, output):
+        ctx = self._ctx
+        if ctx is None:
+            return None
+        ctx.layer = index
+        if ctx.phase == PREFILL:
+            if index in self._prefill_layers:
+                self.method.on_prefill_layer(ctx, index)
+            if ctx._cut is not None:
+                output = ctx.take_cut(output)
+        elif index in self._decode_layers:
+            self.method.on_decode_layer(ctx, index)
+        ctx._stash = None
+        return output
+
+    def _norm_pre(self, module, args):
+        ctx = self._ctx
+        if ctx is None or ctx.phase != PREFILL or ctx.frozen is None:
+            return None
+        hidden = args[0]
+        src = ctx.state.src[..., None].expand_as(hidden)
+        return (ctx.frozen.scatter(1, src, hidden),)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))

@@ -1,0 +1,93 @@
+"""Per-run statistics: what each layer processed and what each cache holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import kv_bytes
+
+
+@dataclass
+class RunStats:
+    """Filled in by the runtime during one prefill and the decoding steps that follow it.
+
+    Counts are per sample (tensors of shape (B,)); ``*_mean`` helpers average over samples.
+    """
+
+    method: str
+    settings: dict
+    batch_size: int
+    prompt_len: int
+    visual_in: torch.Tensor  # (B,) visual tokens in each prompt
+    # (src, live, visual) of the prompt entries each decoder layer processed in prefill
+    prefill_layers: list = field(default_factory=list)
+    kv_bytes_prefill: list[int] = field(default_factory=list)
+    kv_bytes_final: list[int] = field(default_factory=list)
+    kv_bytes_unpruned_prefill: list[int] = field(default_factory=list)
+    kv_bytes_unpruned_final: list[int] = field(default_factory=list)
+    cache_visual_prefill: torch.Tensor | None = None  # (L, B) visual entries held after prefill
+    cache_visual_final: torch.Tensor | None = None  # (L, B) after the last decoding step
+    decode_visual: list[torch.Tensor] = field(default_factory=list)  # per step: (L, B)
+    decode_steps: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.prefill_layers)
+
+    def prefill_visual(self) -> torch.Tensor:
+        """(L, B) live visual tokens each decoder layer processed during prefill."""
+        return torch.stack([(live & visual).sum(-1) for _, live, visual in self.prefill_layers])
+
+    def kept_positions(self, layer: int) -> list[torch.Tensor]:
+        """Per sample, the prompt positions of the visual tokens ``layer`` processed in prefill."""
+        src, live, visual = self.prefill_layers[layer]
+        return [src[b][(live & visual)[b]] for b in range(src.shape[0])]
+
+    def layer_average(self) -> torch.Tensor:
+        """(B,) layer-averaged visual tokens: the budget papers compare at."""
+        return self.prefill_visual().double().mean(0)
+
+    def layer_average_mean(self) -> float:
+        return float(self.layer_average().mean())
+
+    def kv_ratio_prefill(self) -> float:
+        return sum(self.kv_bytes_prefill) / max(1, sum(self.kv_bytes_unpruned_prefill))
+
+    def kv_ratio_final(self) -> float:
+        return sum(self.kv_bytes_final) / max(1, sum(self.kv_bytes_unpruned_final))
+
+    def record_cache(self, cache, *, after_prefill: bool) -> None:
+        """Read KV bytes and visual entries from the cache object itself."""
+        layers = cache.layers
+        held = [kv_bytes(layer) for layer in layers]
+        # Unpruned bytes: the same tensors with every prompt position present.
+        unpruned = [
+            b // max(1, layer.get_seq_length()) * (layer.prompt_len + layer.generated) for b, layer in zip(held, layers)
+        ]
+        visual = torch.stack([(layer.live & layer.visual).sum(-1) for layer in layers])
+        if after_prefill:
+            self.kv_bytes_prefill, self.kv_bytes_unpruned_prefill, self.cache_visual_prefill = held, unpruned, visual
+        else:
+            self.decode_steps += 1
+            self.decode_visual.append(visual)
+        self.kv_bytes_final, self.kv_bytes_unpruned_final, self.cache_visual_final = held, unpruned, visual
+
+    def summary(self) -> dict:
+        """Plain numbers (sample means) for printing and JSON."""
+        return {
+            "method": self.method,
+            "settings": self.settings,
+            "batch_size": self.batch_size,
+            "visual_in": self.visual_in.double().mean().item(),
+            "prefill_visual_per_layer": self.prefill_visual().double().mean(1).tolist(),
+            "layer_average_visual": self.layer_average_mean(),
+            "cache_visual_after_prefill": self.cache_visual_prefill.double().mean(1).tolist(),
+            "cache_visual_final": self.cache_visual_final.double().mean(1).tolist(),
+            "kv_bytes_after_prefill": sum(self.kv_bytes_prefill),
+            "kv_bytes_after_prefill_unpruned": sum(self.kv_bytes_unpruned_prefill),
+            "kv_bytes_final": sum(self.kv_bytes_final),
+            "kv_bytes_final_unpruned": sum(self.kv_bytes_unpruned_final),
+            "decode_steps": self.decode_steps,
+        }
