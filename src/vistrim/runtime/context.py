@@ -63,6 +63,7 @@ class Context:
         self.attention_mask = attention_mask  # 2-D, original coordinates, may be None
         self.prompt_ids = prompt_ids  # (B, T) during prefill
         self.layer = -1
+        self.step = -1  # decoding: step t of the token being processed, 0 for the first generated one
         self.state: PromptState | None = None
         self.frozen: torch.Tensor | None = None  # full-length hidden states for dropped tokens
         self.strip_cache = False
@@ -77,10 +78,6 @@ class Context:
     def batch_size(self) -> int:
         return self.cache.layers[0].pos.shape[0] if self.phase == DECODE else self.state.src.shape[0]
 
-    @property
-    def step(self) -> int:
-        """Decode step t of the tokens being processed: 0 for the first generated token."""
-        return self.cache.layers[0].generated if self.phase == DECODE else -1
 
     def visual_slots(self, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, valid) of the visual slots: of the prefill state, or of cache ``layer``."""

@@ -127,6 +127,7 @@ class Session:
     def _start_decode(self, cache, kwargs: dict) -> None:
         first = cache.layers[0]
         ctx = Context(self, DECODE, cache, kwargs.get("attention_mask"))
+        ctx.step = first.generated
         # Unpatched models number new tokens by cache length; ours is shorter after pruning, so
         # continue from the original length instead.
         if kwargs.get("position_ids") is None:

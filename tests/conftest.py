@@ -1,0 +1,73 @@
+"""Shared fixtures: the tiny random LLaVA (built from a config, no download) and prompts for it."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from vistrim.models.tiny import build_tiny  # noqa: E402
+
+PROMPTS = [
+    "USER: <image>\nWhat color is the shape? ASSISTANT:",
+    "USER: <image>\nwhat ? ASSISTANT:",
+    "USER: describe the picture <image>\nis there a red circle in the top left of the photo ? ASSISTANT:",
+]
+
+
+def images(n: int, seed: int = 0, size: int = 40) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    model, processor = build_tiny(seed=0)
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_eager():
+    """The same weights with eager attention (the reference for attention rows)."""
+    model, processor = build_tiny(seed=0, attn_implementation="eager")
+    return model, processor
+
+
+def encode(processor, prompts, seed: int = 0, **kw):
+    return processor(images=images(len(prompts), seed), text=list(prompts), return_tensors="pt", padding=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def batch(tiny):
+    """Three prompts of different lengths, left-padded."""
+    return encode(tiny[1], PROMPTS)
+
+
+def greedy(model, inputs, n: int = 6, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n, **kw)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def _origin(hook) -> str:
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    return getattr(hook, "__module__", "") or ""
+
+
+def no_hooks(model) -> bool:
+    """No hook installed by vistrim remains (transformers adds output-capturing hooks of its own)."""
+    return not any(
+        _origin(hook).startswith("vistrim")
+        for m in model.modules()
+        for hooks in (m._forward_hooks, m._forward_pre_hooks)
+        for hook in hooks.values()
+    )

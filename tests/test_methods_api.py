@@ -1,0 +1,73 @@
+"""The method API: registry, typed settings, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import vistrim
+from vistrim.methods.base import scale_layer
+
+
+def test_registry_lists_methods_with_summaries():
+    names = vistrim.methods()
+    assert {"none", "random", "fastv", "pdrop"} <= set(names)
+    for cls in names.values():
+        assert cls.summary and cls.__doc__
+
+
+def test_build_coerces_command_line_strings():
+    fastv = vistrim.build("fastv", layer="3", keep="64")
+    assert fastv.layer == 3 and fastv.keep == 64 and isinstance(fastv.keep, int)
+    fastv = vistrim.build("fastv", keep="0.25")
+    assert fastv.keep == 0.25 and isinstance(fastv.keep, float)
+    assert vistrim.build("random", seed="7").seed == 7
+    assert vistrim.build("pdrop").settings() == {"stages": 4, "ratio": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "message"),
+    [
+        ("nope", {}, "unknown method 'nope'"),
+        ("fastv", {"ratio": 0.5}, "has no setting 'ratio'"),
+        ("fastv", {"keep": 1.5}, "out of range"),
+        ("fastv", {"keep": -3}, "out of range"),
+        ("fastv", {"keep": "lots"}, "must be"),
+        ("fastv", {"layer": "2.5"}, "must be an integer"),
+        ("fastv", {"layer": True}, "must be an integer"),
+        ("pdrop", {"ratio": 2.0}, "out of range"),
+        ("pdrop", {"stages": 0}, "out of range"),
+        ("random", {"keep": float("nan")}, "must be"),
+    ],
+)
+def test_bad_settings_give_one_line_errors(name, settings, message):
+    with pytest.raises(vistrim.VistrimError, match=message) as info:
+        vistrim.build(name, **settings)
+    assert "\n" not in str(info.value)
+
+
+def test_model_dependent_checks(tiny):
+    model, _ = tiny
+    with pytest.raises(vistrim.VistrimError, match="6 decoder layers"):
+        vistrim.apply(model, "fastv", layer=6)
+    with pytest.raises(vistrim.VistrimError, match="out of range"):
+        vistrim.apply(model, "fastv", layer=0)
+    with pytest.raises(vistrim.VistrimError, match="pdrop.stages"):
+        vistrim.apply(model, "pdrop", stages=7)
+    # nothing was left installed by the failed attempts
+    session = vistrim.apply(model, "none")
+    vistrim.remove(model)
+    assert session
+
+
+def test_unsupported_model_is_one_line():
+    import torch
+
+    with pytest.raises(vistrim.VistrimError, match="unsupported model Linear"):
+        vistrim.apply(torch.nn.Linear(2, 2), "fastv")
+
+
+def test_scale_layer_to_depth():
+    assert scale_layer(2, 32, 32) == 2
+    assert scale_layer(8, 32, 24) == 6
+    assert scale_layer(16, 32, 40) == 20
+    assert scale_layer(3, None, 40) == 3
