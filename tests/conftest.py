@@ -42,7 +42,9 @@ def tiny_eager():
 
 
 def encode(processor, prompts, seed: int = 0, **kw):
-    return processor(images=images(len(prompts), seed), text=list(prompts), return_tensors="pt", padding=True, **kw)
+    return processor(
+        images=images(len(prompts), seed), text=list(prompts), return_tensors="pt", padding=True, **kw
+    )
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,9 @@ def masked_drop_forward(model, inputs, excluded: list[torch.Tensor], **kwargs):
         kw["attention_mask"] = allowed_to_mask(allowed, eager, args[0].dtype)
         return args, kw
 
-    handles = [layer.register_forward_pre_hook(partial(pre, i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_pre_hook(partial(pre, i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
     try:
         with torch.no_grad():
             return model(**inputs, **kwargs)

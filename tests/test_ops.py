@@ -87,7 +87,12 @@ def test_tracked_layer_drop_frees_memory_and_keeps_generated():
     layer.drop(dead)
     assert layer.keys.shape[2] == 4  # one prompt entry removed from each row, generated kept
     assert layer.pos.tolist() == [[0, 2, 3], [0, 1, 3]]
-    assert layer.keys[0, 0, :, 0].tolist() == [0, 2, 3, 4] and layer.values[1, 0, :, 0].tolist() == [105, 106, 108, 109]
+    assert layer.keys[0, 0, :, 0].tolist() == [0, 2, 3, 4] and layer.values[1, 0, :, 0].tolist() == [
+        105,
+        106,
+        108,
+        109,
+    ]
     assert layer.generated == 1 and layer.all_live
 
 

@@ -137,7 +137,9 @@ def test_nesting_kept_sets_shrink(tiny, batch):
     with vistrim.trim(model, "pdrop") as session, torch.no_grad():
         model(**batch)
     for layer in range(1, session.stats.num_layers):
-        for before, after in zip(session.stats.kept_positions(layer - 1), session.stats.kept_positions(layer)):
+        for before, after in zip(
+            session.stats.kept_positions(layer - 1), session.stats.kept_positions(layer)
+        ):
             assert set(after.tolist()) <= set(before.tolist())
 
 
@@ -180,7 +182,9 @@ def test_attention_rows_match_eager(tiny, tiny_eager, batch, layer, queries):
     visual = batch["input_ids"] == 4
     last_visual = torch.where(visual, torch.arange(visual.shape[1]), -1).max(-1).values
     for b in range(maps.shape[0]):
-        query_rows = [maps.shape[2] - 1] if queries == "last" else list(range(int(last_visual[b]) + 1, maps.shape[2]))
+        query_rows = (
+            [maps.shape[2] - 1] if queries == "last" else list(range(int(last_visual[b]) + 1, maps.shape[2]))
+        )
         expected = maps[b][:, query_rows][:, :, index[b][valid[b]]]
         got = rows.probs[b][:, rows.query_valid[b]][:, :, valid[b]]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -198,7 +202,9 @@ def test_decode_attention_row_matches_eager(tiny, tiny_eager, batch):
         "pixel_values": batch["pixel_values"],
     }
     with torch.no_grad():
-        maps = eager(**extended, position_ids=original_positions(extended["attention_mask"]), output_attentions=True)
+        maps = eager(
+            **extended, position_ids=original_positions(extended["attention_mask"]), output_attentions=True
+        )
     row = maps.attentions[2][:, :, -1]  # (B, H, T+1)
     index, valid = probe.decode_slots
     for b in range(row.shape[0]):
@@ -217,7 +223,9 @@ def _excluded_per_layer(stats, inputs) -> list[torch.Tensor]:
     return excluded
 
 
-@pytest.mark.parametrize(("name", "settings"), [("fastv", {"keep": 0.25}), ("pdrop", {}), ("random", {"keep": 7})])
+@pytest.mark.parametrize(
+    ("name", "settings"), [("fastv", {"keep": 0.25}), ("pdrop", {}), ("random", {"keep": 7})]
+)
 def test_dropping_equals_masking_reference(tiny, batch, name, settings):
     model, _ = tiny
     with vistrim.trim(model, name, **settings) as session, torch.no_grad():
@@ -289,8 +297,12 @@ def test_cache_eviction_equals_masked_forward_without_cache(tiny, batch):
     steps = 5
     with vistrim.trim(model, EvictSame(step=2)) as session, torch.no_grad():
         out = model.generate(
-            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            **batch,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     generated = out.sequences[:, batch["input_ids"].shape[1] :]
     visual = batch["input_ids"] == 4
@@ -312,8 +324,9 @@ def test_manual_decoding_without_position_ids_continues_original_positions(tiny)
     single = encode(processor, PROMPTS[:1])
     method = EvictSame(step=99)  # evicts a third of the visual entries of every layer after prefill
     with vistrim.trim(model, method), torch.no_grad():
-        reference = model.generate(**single, max_new_tokens=2, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)
+        reference = model.generate(
+            **single, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         first = model(**single, use_cache=True)
         assert first.past_key_values.get_seq_length() < single["input_ids"].shape[1]
         token = first.logits[:, -1:].argmax(-1)

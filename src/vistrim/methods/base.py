@@ -90,7 +90,9 @@ def check_range(value: float, field: str, low: float | None = None, high: float 
 
 def check_layer(value: int, field: str, geo, low: int = 0) -> None:
     if not low <= value < geo.num_layers:
-        raise VistrimError(f"{field}={value} is out of range for a model with {geo.num_layers} decoder layers")
+        raise VistrimError(
+            f"{field}={value} is out of range for a model with {geo.num_layers} decoder layers"
+        )
 
 
 def scale_layer(layer: float, depth_ref: int | None, num_layers: int) -> int:
@@ -243,5 +245,7 @@ def _check_fields(cls: type[Method], overrides: dict) -> dict:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in overrides:
         if key not in names:
-            raise VistrimError(f"method {cls.name!r} has no setting {key!r} (settings: {', '.join(names) or 'none'})")
+            raise VistrimError(
+                f"method {cls.name!r} has no setting {key!r} (settings: {', '.join(names) or 'none'})"
+            )
     return overrides

@@ -19,9 +19,7 @@ def grouped_logits(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Te
     return logits.view(batch, heads, rows, k.shape[2])
 
 
-def attention_probs(
-    q: torch.Tensor, k: torch.Tensor, scaling: float, allowed: torch.Tensor
-) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, allowed: torch.Tensor) -> torch.Tensor:
     """Softmax attention probabilities of the query rows ``q`` over the keys ``k``.
 
     allowed: (B, m, n) bool, True where query row i may attend to key j (causality and padding).

@@ -76,15 +76,27 @@ class LlavaAdapter:
     def _check(self) -> None:
         attn_impl = self.text_config._attn_implementation
         if attn_impl not in SUPPORTED_ATTENTION:
-            raise VistrimError(f"unsupported attention implementation {attn_impl!r} (supported: {SUPPORTED_ATTENTION})")
+            raise VistrimError(
+                f"unsupported attention implementation {attn_impl!r} (supported: {SUPPORTED_ATTENTION})"
+            )
         layer = self.layers[0]
-        if not (hasattr(layer, "self_attn") and hasattr(layer.self_attn, "q_proj") and hasattr(layer, "input_layernorm")):
-            raise VistrimError(f"unsupported decoder layer {type(layer).__name__}: expected a Llama-style layer")
-        if getattr(self.text_config, "sliding_window", None) and getattr(self.text_config, "use_sliding_window", True):
+        if not (
+            hasattr(layer, "self_attn")
+            and hasattr(layer.self_attn, "q_proj")
+            and hasattr(layer, "input_layernorm")
+        ):
+            raise VistrimError(
+                f"unsupported decoder layer {type(layer).__name__}: expected a Llama-style layer"
+            )
+        if getattr(self.text_config, "sliding_window", None) and getattr(
+            self.text_config, "use_sliding_window", True
+        ):
             if any(t != "full_attention" for t in getattr(self.text_config, "layer_types", None) or ()):
                 raise VistrimError("sliding-window attention layers are not supported")
 
-    def query_rows(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def query_rows(
+        self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         """Rotated queries (B, H, m, d) of ``layer`` for the hidden-state rows (B, m, D) given, i.e.
         exactly the queries the layer's attention computed for those tokens."""
         decoder = self.layers[layer]

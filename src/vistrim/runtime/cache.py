@@ -37,7 +37,13 @@ class TrackedLayer(DynamicLayer):
     def describe_prompt(
         self, prompt_len: int, pos: torch.Tensor, live: torch.Tensor, visual: torch.Tensor, all_live: bool
     ) -> None:
-        self.prompt_len, self.pos, self.live, self.visual, self.all_live = prompt_len, pos, live, visual, all_live
+        self.prompt_len, self.pos, self.live, self.visual, self.all_live = (
+            prompt_len,
+            pos,
+            live,
+            visual,
+            all_live,
+        )
 
     def visual_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (B, V) of the held visual entries per row and their validity (live, not padding)."""
@@ -79,13 +85,17 @@ class TrackedLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0 or -tokens_to_remove > self.generated:
-            raise VistrimError("cannot crop a pruned cache into its prompt; only generated tokens can be cropped")
+            raise VistrimError(
+                "cannot crop a pruned cache into its prompt; only generated tokens can be cropped"
+            )
         super().crop(tokens_to_remove)
 
     def _select_rows(self, rows: torch.Tensor) -> None:
         if self.pos is not None:
             rows = rows.to(self.pos.device)
-            self.pos, self.live, self.visual = (t.index_select(0, rows) for t in (self.pos, self.live, self.visual))
+            self.pos, self.live, self.visual = (
+                t.index_select(0, rows) for t in (self.pos, self.live, self.visual)
+            )
 
 
 def visual_slots(visual: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,7 +78,6 @@ class Context:
     def batch_size(self) -> int:
         return self.cache.layers[0].pos.shape[0] if self.phase == DECODE else self.state.src.shape[0]
 
-
     def visual_slots(self, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, valid) of the visual slots: of the prefill state, or of cache ``layer``."""
         if layer is None and self.phase == PREFILL:
@@ -100,7 +99,11 @@ class Context:
         """A stable integer per sample, from its unpadded prompt tokens (for seeded randomness that
         does not depend on batch composition)."""
         ids = self.prompt_ids
-        real = torch.ones_like(ids, dtype=torch.bool) if self.attention_mask is None else self.attention_mask.bool()
+        real = (
+            torch.ones_like(ids, dtype=torch.bool)
+            if self.attention_mask is None
+            else self.attention_mask.bool()
+        )
         return [zlib.crc32(ids[b][real[b]].cpu().numpy().tobytes()) for b in range(ids.shape[0])]
 
     @torch.no_grad()

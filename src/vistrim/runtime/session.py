@@ -54,7 +54,9 @@ class Session:
             self._handles.append(adapter.core.register_forward_pre_hook(self._core_pre, with_kwargs=True))
             self._handles.append(adapter.core.register_forward_hook(self._core_post, with_kwargs=True))
             for index, layer in enumerate(adapter.layers):
-                self._handles.append(layer.register_forward_pre_hook(partial(self._layer_pre, index), with_kwargs=True))
+                self._handles.append(
+                    layer.register_forward_pre_hook(partial(self._layer_pre, index), with_kwargs=True)
+                )
                 if index in self._prefill_layers or index in self._decode_layers:
                     self._handles.append(layer.register_forward_hook(partial(self._layer_post, index)))
             self._handles.append(adapter.norm.register_forward_pre_hook(self._norm_pre))
@@ -86,7 +88,9 @@ class Session:
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
             if kwargs.get("pixel_values") is not None:
-                raise VistrimError("vistrim needs input_ids to find the image tokens (inputs_embeds-only calls)")
+                raise VistrimError(
+                    "vistrim needs input_ids to find the image tokens (inputs_embeds-only calls)"
+                )
             return (), kwargs
         visual = input_ids == self.adapter.geometry.image_token_id
         if not bool(visual.any()):
@@ -135,7 +139,9 @@ class Session:
             if reference is None:
                 reference = kwargs["inputs_embeds"][..., 0]
             start = first.prompt_len + first.generated
-            kwargs["position_ids"] = torch.arange(start, start + reference.shape[1], device=reference.device)[None]
+            kwargs["position_ids"] = torch.arange(start, start + reference.shape[1], device=reference.device)[
+                None
+            ]
         ctx.tail_all_live = ctx.attention_mask is None or bool(ctx.attention_mask.all())
         self._ctx = ctx
 
@@ -168,7 +174,9 @@ class Session:
 
     def _prefill_layer_geometry(self, ctx: Context, index: int, hidden, kwargs: dict) -> None:
         st = ctx.state
-        ctx.cache.layers[index].describe_prompt(ctx.prompt_ids.shape[1], st.src, st.live, st.visual, st.all_live)
+        ctx.cache.layers[index].describe_prompt(
+            ctx.prompt_ids.shape[1], st.src, st.live, st.visual, st.all_live
+        )
         self.stats.prefill_layers.append((st.src, st.live, st.visual))
         if st.version == 0:
             return

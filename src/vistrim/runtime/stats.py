@@ -64,11 +64,16 @@ class RunStats:
         held = [kv_bytes(layer) for layer in layers]
         # Unpruned bytes: the same tensors with every prompt position present.
         unpruned = [
-            b // max(1, layer.get_seq_length()) * (layer.prompt_len + layer.generated) for b, layer in zip(held, layers)
+            b // max(1, layer.get_seq_length()) * (layer.prompt_len + layer.generated)
+            for b, layer in zip(held, layers)
         ]
         visual = torch.stack([(layer.live & layer.visual).sum(-1) for layer in layers])
         if after_prefill:
-            self.kv_bytes_prefill, self.kv_bytes_unpruned_prefill, self.cache_visual_prefill = held, unpruned, visual
+            self.kv_bytes_prefill, self.kv_bytes_unpruned_prefill, self.cache_visual_prefill = (
+                held,
+                unpruned,
+                visual,
+            )
         else:
             self.decode_steps += 1
             self.decode_visual.append(visual)
