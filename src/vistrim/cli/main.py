@@ -1,0 +1,57 @@
+"""The ``vistrim`` command: list | run (| eval | bench as they land)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import VistrimError
+from .common import Parser, add_method_args, add_model_args, fail
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="vistrim", description="Training-free visual-token trimming for multimodal LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    commands.add_parser("list", help="methods, their idea and their settings")
+
+    run = commands.add_parser("run", help="answer one prompt about one image with a method")
+    add_model_args(run)
+    run.add_argument("--image", required=True, help="image file")
+    run.add_argument("--prompt", required=True, help="question about the image")
+    run.add_argument("--method", default="none", help="method name (see `vistrim list`)")
+    add_method_args(run)
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--json", help="also write the answer and statistics to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        if args.command == "list":
+            from .listing import run_list
+
+            return run_list(args)
+        if args.command == "run":
+            from .run import run_run
+
+            return run_run(args)
+    except VistrimError as error:
+        return fail(str(error))
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except Exception as error:  # the CLI never shows a traceback unless asked to
+        if os.environ.get("VISTRIM_DEBUG"):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return fail(f"internal error: {type(error).__name__}: {first} (set VISTRIM_DEBUG=1 for details)", 1)
+    return fail(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

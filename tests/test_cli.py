@@ -1,0 +1,234 @@
+"""The ``vistrim`` command line: list, run, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vistrim.cli.main import main
+from vistrim.models.tiny import build_tiny
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = build_tiny(seed=0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "shape.png"
+    Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:  # argparse usage errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_shows_methods_and_defaults(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    for text in ("fastv", "pdrop", "random", "none", "keep", "0.5", "stages"):
+        assert text in out
+
+
+def test_run_prints_answer_counts_and_kv(capsys, saved_tiny, picture, tmp_path):
+    report = tmp_path / "run.json"
+    code, out, err = run_cli(
+        capsys,
+        "run",
+        "--model",
+        str(saved_tiny),
+        "--image",
+        str(picture),
+        "--prompt",
+        "What color is it?",
+        "--method",
+        "fastv",
+        "--set",
+        "keep=0.25",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        str(report),
+    )
+    assert code == 0, err
+    assert "answer:" in out and "64 64 16 16 16 16" in out and "KV cache after prefill" in out
+    data = json.loads(report.read_text())
+    assert data["settings"] == {"layer": 2, "keep": 0.25}
+    assert data["prefill_visual_per_layer"] == [64, 64, 16, 16, 16, 16]
+    assert data["kv_bytes_after_prefill"] < data["kv_bytes_after_prefill_unpruned"]
+
+
+def test_config_file_then_command_line_override(capsys, saved_tiny, picture, tmp_path):
+    config = tmp_path / "methods.toml"
+    config.write_text("[fastv]\nlayer = 3\nkeep = 0.5\n")
+    code, out, err = run_cli(
+        capsys,
+        "run",
+        "--model",
+        str(saved_tiny),
+        "--image",
+        str(picture),
+        "--prompt",
+        "what ?",
+        "--method",
+        "fastv",
+        "--config",
+        str(config),
+        "--set",
+        "keep=8",
+        "--max-new-tokens",
+        "1",
+    )
+    assert code == 0, err
+    assert "fastv(layer=3, keep=8)" in out and "64 64 64 8 8 8" in out
+
+
+def _odd_images(folder):
+    rng = np.random.default_rng(1)
+    paths = {}
+    paths["gray"] = folder / "gray.png"
+    Image.fromarray((rng.random((30, 30)) * 255).astype("uint8"), "L").save(paths["gray"])
+    paths["rgba"] = folder / "rgba.png"
+    Image.fromarray((rng.random((30, 20, 4)) * 255).astype("uint8"), "RGBA").save(paths["rgba"])
+    paths["16bit"] = folder / "deep.png"
+    Image.fromarray((rng.random((25, 25)) * 65535).astype("uint16")).save(paths["16bit"])
+    paths["palette"] = folder / "palette.gif"
+    Image.fromarray((rng.random((20, 40, 3)) * 255).astype("uint8")).convert("P").save(paths["palette"])
+    paths["jpeg"] = folder / "photo.jpg"
+    Image.fromarray((rng.random((300, 200, 3)) * 255).astype("uint8")).save(paths["jpeg"])
+    return paths
+
+
+def test_odd_but_valid_images_work(capsys, saved_tiny, tmp_path):
+    for kind, path in _odd_images(tmp_path).items():
+        code, _, err = run_cli(
+            capsys,
+            "run",
+            "--model",
+            str(saved_tiny),
+            "--image",
+            str(path),
+            "--prompt",
+            "what ?",
+            "--max-new-tokens",
+            "1",
+        )
+        assert code == 0, (kind, err)
+
+
+def _bad_inputs(tmp, saved_tiny, picture):
+    corrupt = tmp / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    empty = tmp / "empty.jpg"
+    empty.write_bytes(b"")
+    dot = tmp / "dot.png"
+    Image.new("RGB", (1, 1)).save(dot)
+    text_model = tmp / "text-only"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=10
+        )
+    ).save_pretrained(text_model)
+    bad_config = tmp / "bad.toml"
+    bad_config.write_text("[fastv\nkeep=")
+    base = ["run", "--model", str(saved_tiny), "--image", str(picture), "--prompt", "what ?"]
+    return {
+        "image not found": [
+            "run",
+            "--model",
+            str(saved_tiny),
+            "--image",
+            str(tmp / "nope.png"),
+            "--prompt",
+            "q",
+        ],
+        "cannot read image": ["run", "--model", str(saved_tiny), "--image", str(corrupt), "--prompt", "q"],
+        "cannot read image ": ["run", "--model", str(saved_tiny), "--image", str(empty), "--prompt", "q"],
+        "too small": ["run", "--model", str(saved_tiny), "--image", str(dot), "--prompt", "q"],
+        "image path is a folder": ["run", "--model", str(saved_tiny), "--image", str(tmp), "--prompt", "q"],
+        "required: --image": ["run", "--model", str(saved_tiny), "--prompt", "what is in it?"],
+        "2 <image> placeholders": [*base[:-1], "<image> <image> what ?"],
+        "prompt is empty": [*base[:-1], "  "],
+        "out of range": [*base, "--method", "fastv", "--set", "keep=1.5"],
+        "unknown method": [*base, "--method", "fastvv"],
+        "no setting 'keeep'": [*base, "--method", "fastv", "--set", "keeep=3"],
+        "KEY=VALUE": [*base, "--method", "fastv", "--set", "keep"],
+        "6 decoder layers": [*base, "--method", "fastv", "--set", "layer=9"],
+        "has no image token": ["run", "--model", str(text_model), "--image", str(picture), "--prompt", "q"],
+        "model folder not found": [
+            "run",
+            "--model",
+            str(tmp / "missing-model"),
+            "--image",
+            str(picture),
+            "--prompt",
+            "q",
+        ],
+        "hub is unreachable": [
+            "run",
+            "--model",
+            "someone/no-such-vlm",
+            "--image",
+            str(picture),
+            "--prompt",
+            "q",
+        ],
+        "config file not found": [*base, "--config", str(tmp / "none.toml")],
+        "cannot read config": [*base, "--config", str(bad_config)],
+        "unknown dtype": [*base, "--dtype", "float8"],
+        "max-new-tokens": [*base, "--max-new-tokens", "0"],
+        "invalid choice": ["frobnicate"],
+    }
+
+
+def test_bad_inputs_fail_with_one_line(capsys, saved_tiny, picture, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for expected, argv in _bad_inputs(tmp_path, saved_tiny, picture).items():
+        code, _, err = run_cli(capsys, *argv)
+        assert code != 0, expected
+        assert err.count("\n") == 1 and err.startswith("vistrim: error:"), (expected, err)
+        assert expected.strip() in err, (expected, err)
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    """Through the installed entry point, an error is one line on stderr and a non-zero exit."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vistrim.cli.main",
+            "run",
+            "--model",
+            "tiny",
+            "--image",
+            str(tmp_path / "x.png"),
+            "--prompt",
+            "q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().startswith("vistrim: error: image not found")
+        and "Traceback" not in result.stderr
+    )
