@@ -83,6 +83,7 @@ def _layer(batch=2, prompt=4, generated=1):
 
 def test_tracked_layer_drop_frees_memory_and_keeps_generated():
     layer = _layer()
+    layer.entry_notes["score"] = torch.arange(8.0).view(2, 4)
     dead = torch.tensor([[False, True, False, False], [False, False, True, False]])
     layer.drop(dead)
     assert layer.keys.shape[2] == 4  # one prompt entry removed from each row, generated kept
@@ -94,16 +95,22 @@ def test_tracked_layer_drop_frees_memory_and_keeps_generated():
         109,
     ]
     assert layer.generated == 1 and layer.all_live
+    assert layer.entry_notes["score"].tolist() == [[0, 2, 3], [4, 5, 7]]
 
 
 def test_tracked_layer_row_operations_move_bookkeeping():
     layer = _layer()
     layer.drop(torch.tensor([[False, True, False, False], [False, False, False, False]]))
     assert not layer.all_live  # row 1 could not drop anything yet: row 0's drop is a masked hole
-    before = [t.clone() for t in (layer.pos, layer.live, layer.keys)]
+    layer.entry_notes["score"] = torch.rand(layer.pos.shape)
+    layer.row_notes["n0"] = torch.tensor([7, 9])
+    before = [t.clone() for t in (layer.pos, layer.live, layer.keys, layer.entry_notes["score"])]
     layer.reorder_cache(torch.tensor([1, 0]))
     assert torch.equal(layer.pos, before[0].flip(0)) and torch.equal(layer.live, before[1].flip(0))
-    assert torch.equal(layer.keys, before[2].flip(0))
+    assert torch.equal(layer.keys, before[2].flip(0)) and torch.equal(
+        layer.entry_notes["score"], before[3].flip(0)
+    )
+    assert layer.row_notes["n0"].tolist() == [9, 7]
     layer.batch_repeat_interleave(2)
     assert layer.pos.shape[0] == 4 and layer.keys.shape[0] == 4
     layer.batch_select_indices(torch.tensor([3]))

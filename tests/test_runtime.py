@@ -19,6 +19,7 @@ KEEP_ALL = {
     "random": {"keep": 1.0},
     "fastv": {"keep": 1.0},
     "pdrop": {"ratio": 1.0},
+    "st3": {"min_ratio": 1.0, "min_keep": 1.0},
 }
 # Every registered method with settings that prune.
 PRUNING = {
@@ -26,6 +27,7 @@ PRUNING = {
     "random": {"keep": 0.3},
     "fastv": {"keep": 0.25},
     "pdrop": {"ratio": 0.5},
+    "st3": {"horizon": 8.0},
 }
 
 
@@ -224,7 +226,14 @@ def _excluded_per_layer(stats, inputs) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("name", "settings"), [("fastv", {"keep": 0.25}), ("pdrop", {}), ("random", {"keep": 7})]
+    ("name", "settings"),
+    [
+        ("fastv", {"keep": 0.25}),
+        ("pdrop", {}),
+        ("random", {"keep": 7}),
+        ("st3", {"vta": False}),
+        ("st3", {"vta": False, "queries": "text", "schedule": "cosine", "min_ratio": 0.1}),
+    ],
 )
 def test_dropping_equals_masking_reference(tiny, batch, name, settings):
     model, _ = tiny

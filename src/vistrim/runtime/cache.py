@@ -25,6 +25,10 @@ class TrackedLayer(DynamicLayer):
         self.live: torch.Tensor | None = None  # (B, P) attended (not padding, not a masked hole)
         self.visual: torch.Tensor | None = None  # (B, P) visual token
         self.all_live = True  # no padding and no holes: the layer needs no mask of its own
+        # Method-owned notes that must follow the rows and entries: (B, P) per held prompt entry,
+        # and (B, ...) per row. Compaction gathers entry notes; row operations select both.
+        self.entry_notes: dict[str, torch.Tensor] = {}
+        self.row_notes: dict[str, torch.Tensor] = {}
 
     @property
     def held_prompt(self) -> int:
@@ -66,6 +70,7 @@ class TrackedLayer(DynamicLayer):
             [gather_rows(self.values[:, :, :held], index, 2), self.values[:, :, held:]], dim=2
         )
         self.pos, self.live, self.visual = (t.gather(1, index) for t in (self.pos, self.live, self.visual))
+        self.entry_notes = {k: v.gather(1, index) for k, v in self.entry_notes.items()}
 
     # Batch-level operations used by generation strategies keep the bookkeeping aligned.
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -78,10 +83,7 @@ class TrackedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.pos is not None:
-            self.pos, self.live, self.visual = (
-                t.repeat_interleave(repeats, dim=0) for t in (self.pos, self.live, self.visual)
-            )
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0 or -tokens_to_remove > self.generated:

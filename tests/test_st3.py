@@ -1,0 +1,177 @@
+"""ST3: the prefill schedule and the decoding annealing follow their formulas exactly.
+
+Expected counts are computed here from the spec's formulas, independently of the method's code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import PROMPTS, encode, greedy, images
+
+import vistrim
+from vistrim.models.tiny import build_tiny
+
+
+def spec_ratio(layer, start, end, min_ratio, kind):
+    if layer <= start:
+        return 1.0
+    if layer >= end:
+        return min_ratio
+    x = (layer - start) / (end - start)
+    shape = 1 - x if kind == "linear" else (1 + math.cos(math.pi * x)) / 2
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def spec_anneal(t, curve, horizon):
+    if curve == "exponential":
+        return math.exp(-t / horizon)
+    x = min(1.0, t / horizon)
+    return 1 - x if curve == "linear" else (1 + math.cos(math.pi * x)) / 2
+
+
+def ceil_count(n, ratio):
+    return math.ceil(round(n * ratio, 9))
+
+
+@pytest.mark.parametrize(
+    ("settings", "start", "end"),
+    [
+        ({"start_layer": 1, "end_layer": 5, "min_ratio": 0.1, "depth_ref": 0}, 1, 5),
+        ({"start_layer": 0, "end_layer": 4, "min_ratio": 0.0, "schedule": "cosine", "depth_ref": 0}, 0, 4),
+        ({"start_layer": 2, "end_layer": 3, "min_ratio": 0.25, "depth_ref": 0, "queries": "text"}, 2, 3),
+        ({}, 0, 5),  # defaults: K=2, E=24 of 32 layers -> 0 and 5 of 6
+    ],
+)
+def test_prefill_counts_follow_schedule(tiny, batch, settings, start, end):
+    model, _ = tiny
+    with vistrim.trim(model, "st3", vta=False, **settings) as session, torch.no_grad():
+        model(**batch)
+    method = session.method
+    expected = [
+        ceil_count(64, spec_ratio(layer, start, end, method.min_ratio, method.schedule)) for layer in range(6)
+    ]
+    for b in range(3):
+        assert session.stats.prefill_visual()[:, b].tolist() == expected
+
+
+def test_step_schedule_and_depth_scaling():
+    model, processor = build_tiny(seed=1, num_layers=10)
+    inputs = encode(processor, PROMPTS)
+    # pairs given for a 32-layer model: layers 8 and 16 -> 2.5 -> 3 and 5 of 10
+    with vistrim.trim(model, "st3", vta=False, schedule="step", steps="8:0.5,16:0.125") as session:
+        with torch.no_grad():
+            model(**inputs)
+    assert session.stats.prefill_visual()[:, 0].tolist() == [64, 64, 64, 32, 32, 8, 8, 8, 8, 8]
+    # a linear schedule given for 32 layers: K=2 -> 1 (0.625 rounds up), E=24 -> 8 (7.5 rounds up)
+    with vistrim.trim(model, "st3", vta=False, min_ratio=0.0) as session, torch.no_grad():
+        model(**inputs)
+    expected = [ceil_count(64, spec_ratio(layer, 1, 8, 0.0, "linear")) for layer in range(10)]
+    assert session.stats.prefill_visual()[:, 0].tolist() == expected
+
+
+def test_selection_is_nested(tiny, batch):
+    model, _ = tiny
+    with vistrim.trim(model, "st3", vta=False, queries="text") as session, torch.no_grad():
+        model(**batch)
+    for layer in range(1, 6):
+        for above, below in zip(session.stats.kept_positions(layer - 1), session.stats.kept_positions(layer)):
+            assert set(below.tolist()) <= set(above.tolist())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"curve": "linear", "horizon": 6.0},
+        {"curve": "cosine", "horizon": 5.0, "every": 3},
+        {"curve": "exponential", "horizon": 3.0, "min_keep": 4},
+        {"curve": "linear", "horizon": 4.0, "min_keep": 0.25, "smoothing": 0.5, "every": 2},
+        {"curve": "linear", "horizon": 7.0, "pvtp": False},
+    ],
+)
+def test_decoding_counts_follow_annealing(tiny, batch, settings):
+    model, _ = tiny
+    steps = 10
+    with vistrim.trim(model, "st3", **settings) as session:
+        greedy(model, batch, n=steps)
+    method = session.method
+    n0 = session.stats.cache_visual_prefill
+    assert len(session.stats.decode_visual) == steps - 1  # forwards for generated tokens 0..n-2
+    for t, counts in enumerate(session.stats.decode_visual):
+        selected = max(u for u in range(t + 1) if u == 0 or u % method.every == 0)
+        factor = spec_anneal(selected, method.curve, method.horizon) if selected else 1.0
+        for layer in range(6):
+            for b in range(3):
+                n = int(n0[layer, b])
+                floor = (
+                    method.min_keep if isinstance(method.min_keep, int) else ceil_count(n, method.min_keep)
+                )
+                expected = min(n, max(ceil_count(n, factor), floor))
+                assert int(counts[layer, b]) == expected, (t, layer, b)
+
+
+def test_memory_only_goes_down_and_lands_low(tiny, batch):
+    model, _ = tiny
+    with vistrim.trim(model, "st3", horizon=12.0) as session:
+        greedy(model, batch, n=12)
+    history = torch.stack([session.stats.cache_visual_prefill, *session.stats.decode_visual])
+    assert (history[1:] <= history[:-1]).all()
+    assert session.stats.kv_ratio_final() < session.stats.kv_ratio_prefill() < 1.0
+
+
+def test_vta_only_keeps_prefill_whole(tiny, batch):
+    model, _ = tiny
+    with vistrim.trim(model, "st3", pvtp=False, horizon=4.0) as session:
+        greedy(model, batch, n=6)
+    assert (session.stats.prefill_visual() == 64).all()
+    assert (session.stats.cache_visual_final == 0).all()
+
+
+def test_beam_search_with_annealing_batch_equals_one_by_one(tiny, batch):
+    """Beams evict different entries; beam reordering must carry each cache layer's record."""
+    model, processor = tiny
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "num_beams": 2, "do_sample": False}
+    with vistrim.trim(model, "st3", horizon=5.0), torch.no_grad():
+        batched = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+        for b, prompt in enumerate(PROMPTS):
+            single = processor(images=images(3)[b : b + 1], text=[prompt], return_tensors="pt")
+            alone = model.generate(**single, **kwargs)[:, single["input_ids"].shape[1] :]
+            assert torch.equal(alone[0], batched[b]), b
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"start_layer": -1}, "st3.start_layer"),
+        ({"start_layer": 10, "end_layer": 4}, "st3.end_layer"),
+        ({"min_ratio": 1.5}, "st3.min_ratio"),
+        ({"schedule": "zigzag"}, "st3.schedule"),
+        ({"schedule": "step"}, "st3.steps is empty"),
+        ({"schedule": "step", "steps": "16:0.5,8:0.25"}, "increasing"),
+        ({"schedule": "step", "steps": "8:0.25,16:0.5"}, "non-increasing"),
+        ({"schedule": "step", "steps": "8"}, "st3.steps"),
+        ({"queries": "first"}, "st3.queries"),
+        ({"curve": "square"}, "st3.curve"),
+        ({"horizon": 0}, "st3.horizon"),
+        ({"min_keep": -1}, "st3.min_keep"),
+        ({"min_keep": 1.5}, "st3.min_keep"),
+        ({"every": 0}, "st3.every"),
+        ({"smoothing": 1.0}, "st3.smoothing"),
+        ({"depth_ref": -1}, "st3.depth_ref"),
+        ({"pvtp": "maybe"}, "st3.pvtp"),
+        ({"vta": 2}, "st3.vta"),
+    ],
+)
+def test_every_field_is_validated(settings, message):
+    with pytest.raises(vistrim.VistrimError, match=message) as info:
+        vistrim.build("st3", **settings)
+    assert "\n" not in str(info.value)
+
+
+def test_end_layer_beyond_depth(tiny):
+    with pytest.raises(vistrim.VistrimError, match="beyond"):
+        vistrim.apply(tiny[0], "st3", end_layer=40)
+    with pytest.raises(vistrim.VistrimError, match="beyond the model"):
+        vistrim.apply(tiny[0], "st3", depth_ref=0, end_layer=9)
