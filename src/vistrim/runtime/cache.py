@@ -95,9 +95,14 @@ class TrackedLayer(DynamicLayer):
     def _select_rows(self, rows: torch.Tensor) -> None:
         if self.pos is not None:
             rows = rows.to(self.pos.device)
-            self.pos, self.live, self.visual = (
-                t.index_select(0, rows) for t in (self.pos, self.live, self.visual)
-            )
+            self._map_rows(lambda t: t.index_select(0, rows))
+
+    def _map_rows(self, fn) -> None:
+        if self.pos is None:
+            return
+        self.pos, self.live, self.visual = (fn(t) for t in (self.pos, self.live, self.visual))
+        self.entry_notes = {k: fn(v) for k, v in self.entry_notes.items()}
+        self.row_notes = {k: fn(v) for k, v in self.row_notes.items()}
 
 
 def visual_slots(visual: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
