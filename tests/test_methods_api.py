@@ -71,3 +71,27 @@ def test_scale_layer_to_depth():
     assert scale_layer(8, 32, 24) == 6
     assert scale_layer(16, 32, 40) == 20
     assert scale_layer(3, None, 40) == 3
+
+
+@pytest.mark.parametrize("name", ["fastv", "random", "pdrop", "st3", "none"])
+@pytest.mark.parametrize("budget", [0.5, 0.4, 40])
+def test_budget_mode_predicts_the_runtime_and_meets_the_target(tiny, batch, name, budget):
+    import torch
+
+    model, _ = tiny
+    method = vistrim.at_budget(name, budget, n_visual=64, num_layers=6)
+    predicted = method.predict_prefill(64, 6)
+    with vistrim.trim(model, method) as session, torch.no_grad():
+        model(**batch)
+    assert session.stats.prefill_visual()[:, 0].tolist() == predicted
+    target = budget * 64 if isinstance(budget, float) else budget
+    if name == "none":
+        assert session.stats.layer_average_mean() == 64
+    else:
+        # integer counts and ceil rounding: within one token per layer of the request
+        assert abs(session.stats.layer_average_mean() - target) <= 1.0
+
+
+def test_budget_out_of_range():
+    with pytest.raises(vistrim.VistrimError, match="budget"):
+        vistrim.at_budget("fastv", 1.5, n_visual=64, num_layers=6)

@@ -10,6 +10,7 @@ import torch
 
 from .errors import VistrimError
 from .methods import REGISTRY, Method, build  # noqa: F401  (re-exported)
+from .methods.base import resolve_budget
 from .runtime.session import Session
 
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -18,6 +19,15 @@ _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def methods() -> dict[str, type[Method]]:
     """Registered method names and their classes."""
     return dict(REGISTRY)
+
+
+def at_budget(
+    method: str | Method, budget: int | float, *, n_visual: int, num_layers: int, **settings
+) -> Method:
+    """``method`` (with ``settings`` fixed) configured so that its layer-averaged visual tokens in
+    prefill come closest to ``budget``: a float is a ratio of ``n_visual``, an int a count."""
+    base = build(method, **settings)
+    return base.at_budget(resolve_budget(budget, n_visual), n_visual, num_layers)
 
 
 def apply(model: torch.nn.Module, method: str | Method = "none", **settings) -> Session:

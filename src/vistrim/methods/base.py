@@ -65,6 +65,16 @@ class Method:
     def on_decode_layer(self, ctx, layer: int) -> None:
         pass
 
+    # ------------------------------------------------------------------ budgets
+    def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
+        """Visual tokens each decoder layer processes in prefill for a prompt with ``n_visual``
+        (exact for methods whose counts do not depend on the data)."""
+        raise VistrimError(f"method {self.name!r} cannot predict its token counts")
+
+    def at_budget(self, target: float, n_visual: int, num_layers: int) -> Method:
+        """A copy whose layer-averaged prefill visual tokens come closest to ``target`` tokens."""
+        raise VistrimError(f"method {self.name!r} has no budget mode")
+
     # ------------------------------------------------------------------ shared
     def settings(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -100,6 +110,39 @@ def scale_layer(layer: float, depth_ref: int | None, num_layers: int) -> int:
     if not depth_ref:
         return int(layer)
     return min(num_layers, int(math.floor(layer * num_layers / depth_ref + 0.5)))
+
+
+def one_cut_counts(layer: int, keep: Budget, n_visual: int, num_layers: int) -> list[int]:
+    """Counts of a single cut before ``layer`` keeping ``keep`` (ratio or count)."""
+    kept = math.ceil(n_visual * keep - 1e-9) if isinstance(keep, float) else min(keep, n_visual)
+    return [n_visual] * layer + [kept] * (num_layers - layer)
+
+
+def one_cut_keep(layer: int, target: float, n_visual: int, num_layers: int) -> int:
+    """The kept count after a single cut before ``layer`` that best meets a layer average."""
+    count = round((target * num_layers - layer * n_visual) / (num_layers - layer))
+    return min(max(count, 0), n_visual)
+
+
+def layer_average(counts: list[int]) -> float:
+    return sum(counts) / len(counts)
+
+
+def solve_increasing(fn, target: float, low: float, high: float, iterations: int = 40) -> float:
+    """The x in [low, high] where the non-decreasing ``fn`` comes closest to ``target`` (bisection)."""
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if fn(middle) < target:
+            low = middle
+        else:
+            high = middle
+    return min((low, high), key=lambda x: abs(fn(x) - target))
+
+
+def resolve_budget(budget: int | float, n_visual: int) -> float:
+    """A layer-averaged budget as a token count: a float is a ratio of ``n_visual``."""
+    check_budget(budget, "budget")
+    return budget * n_visual if isinstance(budget, float) else float(min(budget, n_visual))
 
 
 # ---------------------------------------------------------------------- typed coercion

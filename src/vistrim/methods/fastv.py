@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..ops.select import budget_counts
-from .base import Budget, Method, check_budget, check_layer, register
+from .base import Budget, Method, check_budget, check_layer, one_cut_counts, one_cut_keep, register
 
 
 @register
@@ -39,3 +40,9 @@ class FastV(Method):
     def on_prefill_layer(self, ctx, layer: int) -> None:
         scores = ctx.attention("last").probs[:, 0]
         ctx.keep_top(scores, budget_counts(self.keep, ctx.visual_counts()))
+
+    def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
+        return one_cut_counts(self.layer, self.keep, n_visual, num_layers)
+
+    def at_budget(self, target: float, n_visual: int, num_layers: int) -> FastV:
+        return dataclasses.replace(self, keep=one_cut_keep(self.layer, target, n_visual, num_layers))

@@ -14,3 +14,9 @@ class NoTrim(Method):
 
     name = "none"
     summary = "keep every visual token (reference)"
+
+    def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
+        return [n_visual] * num_layers
+
+    def at_budget(self, target: float, n_visual: int, num_layers: int) -> NoTrim:
+        return self

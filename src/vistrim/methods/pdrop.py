@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from ..ops.select import budget_counts
-from .base import Method, check_range, register
+from ..ops.select import budget_counts, ratio_count
+from .base import Method, check_range, layer_average, register, solve_increasing
 
 
 @register
@@ -44,3 +45,17 @@ class PyramidDrop(Method):
     def on_prefill_layer(self, ctx, layer: int) -> None:
         scores = ctx.attention("last").probs[:, 0]
         ctx.keep_top(scores, budget_counts(self.ratio, ctx.visual_counts()))
+
+    def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
+        ends, counts, current = set(self.stage_ends(num_layers)), [], n_visual
+        for layer in range(num_layers):
+            counts.append(current)
+            if layer in ends:
+                current = ratio_count(self.ratio, current)
+        return counts
+
+    def at_budget(self, target: float, n_visual: int, num_layers: int) -> PyramidDrop:
+        def average(ratio: float) -> float:
+            return layer_average(dataclasses.replace(self, ratio=ratio).predict_prefill(n_visual, num_layers))
+
+        return dataclasses.replace(self, ratio=solve_increasing(average, target, 0.0, 1.0))

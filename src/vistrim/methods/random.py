@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ..ops.select import budget_counts
-from .base import Budget, Method, check_budget, check_layer, register
+from .base import Budget, Method, check_budget, check_layer, one_cut_counts, one_cut_keep, register
 
 
 @register
@@ -42,3 +43,9 @@ class RandomDrop(Method):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
             scores[row] = torch.rand(valid.shape[1], generator=generator)
         ctx.keep_top(scores.to(valid.device), budget_counts(self.keep, ctx.visual_counts()))
+
+    def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
+        return one_cut_counts(self.layer, self.keep, n_visual, num_layers)
+
+    def at_budget(self, target: float, n_visual: int, num_layers: int) -> RandomDrop:
+        return dataclasses.replace(self, keep=one_cut_keep(self.layer, target, n_visual, num_layers))

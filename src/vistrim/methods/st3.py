@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,8 +10,17 @@ import torch
 
 from ..errors import VistrimError
 from ..ops.schedule import anneal, layer_ratio
-from ..ops.select import budget_counts
-from .base import Budget, Method, check_budget, check_range, register, scale_layer
+from ..ops.select import budget_counts, ratio_count
+from .base import (
+    Budget,
+    Method,
+    check_budget,
+    check_range,
+    layer_average,
+    register,
+    scale_layer,
+    solve_increasing,
+)
 
 
 @register
@@ -111,9 +121,25 @@ class ST3(Method):
             for layer in range(num_layers)
         ]
 
-    def prefill_counts(self, visual_in: torch.Tensor, num_layers: int) -> torch.Tensor:
-        """(L, B) N_l: visual tokens each layer processes, for prompts with ``visual_in`` (B,)."""
-        return torch.stack([budget_counts(float(r), visual_in) for r in self.ratios(num_layers)])
+    def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
+        return [ratio_count(r, n_visual) for r in self.ratios(num_layers)]
+
+    def at_budget(self, target: float, n_visual: int, num_layers: int) -> ST3:
+        """Keeps K and the schedule's shape: E moves down (with rho_min = 0) only as far as a low
+        budget needs, then rho_min is solved for the exact average."""
+        if self.schedule == "step" or not self.pvtp:
+            raise VistrimError("st3 budget mode needs pvtp=true and schedule=linear or cosine")
+
+        def average(end: int, min_ratio: float) -> float:
+            method = dataclasses.replace(self, end_layer=end, min_ratio=min_ratio)
+            return layer_average(method.predict_prefill(n_visual, num_layers))
+
+        end = self.end_layer
+        if average(end, 0.0) > target:
+            fitting = [e for e in range(self.start_layer, end + 1) if average(e, 0.0) <= target]
+            end = max(fitting) if fitting else self.start_layer
+        min_ratio = solve_increasing(lambda m: average(end, m), target, 0.0, 1.0)
+        return dataclasses.replace(self, end_layer=end, min_ratio=min_ratio)
 
     def decode_target(self, n0: torch.Tensor, step: int) -> torch.Tensor:
         """(B,) N_l(t) for a layer that held ``n0`` (B,) visual entries after prefill."""
