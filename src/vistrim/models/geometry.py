@@ -43,7 +43,6 @@ from transformers import (
 )
 
 from ..errors import VistrimError
-
 from .tokenizer import IMAGE_TOKEN
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
