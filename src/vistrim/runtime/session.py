@@ -20,6 +20,7 @@ visual entries from any cache layer after a layer has run.
 from __future__ import annotations
 
 import inspect
+import time
 from functools import partial
 
 import torch
@@ -150,7 +151,9 @@ class Session:
         if ctx is None:
             return None
         if ctx.phase == PREFILL:
+            started = time.perf_counter()
             self.method.on_prefill_end(ctx)
+            self.stats.add_hook_time(PREFILL, time.perf_counter() - started)
         self.stats.record_cache(ctx.cache, after_prefill=ctx.phase == PREFILL)
         if ctx.strip_cache:
             output.past_key_values = None
@@ -222,6 +225,7 @@ class Session:
         ctx = self._ctx
         if ctx is None:
             return None
+        started = time.perf_counter()
         ctx.layer = index
         if ctx.phase == PREFILL:
             if index in self._prefill_layers:
@@ -231,6 +235,7 @@ class Session:
         elif index in self._decode_layers:
             self.method.on_decode_layer(ctx, index)
         ctx._stash = None
+        self.stats.add_hook_time(ctx.phase, time.perf_counter() - started)
         return output
 
     def _norm_pre(self, module, args):

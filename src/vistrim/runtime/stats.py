@@ -31,6 +31,10 @@ class RunStats:
     cache_visual_final: torch.Tensor | None = None  # (L, B) after the last decoding step
     decode_visual: list[torch.Tensor] = field(default_factory=list)  # per step: (L, B)
     decode_steps: int = 0
+    # Wall time spent in method hooks (scoring, selection, compaction), a part of the run's time.
+    # On CUDA this is launch time unless the caller synchronizes.
+    hook_seconds_prefill: float = 0.0
+    hook_seconds_decode: float = 0.0
 
     @property
     def num_layers(self) -> int:
@@ -79,6 +83,12 @@ class RunStats:
             self.decode_visual.append(visual)
         self.kv_bytes_final, self.kv_bytes_unpruned_final, self.cache_visual_final = held, unpruned, visual
 
+    def add_hook_time(self, phase: str, seconds: float) -> None:
+        if phase == "prefill":
+            self.hook_seconds_prefill += seconds
+        else:
+            self.hook_seconds_decode += seconds
+
     def summary(self) -> dict:
         """Plain numbers (sample means) for printing and JSON."""
         return {
@@ -95,4 +105,6 @@ class RunStats:
             "kv_bytes_final": sum(self.kv_bytes_final),
             "kv_bytes_final_unpruned": sum(self.kv_bytes_unpruned_final),
             "decode_steps": self.decode_steps,
+            "hook_seconds_prefill": self.hook_seconds_prefill,
+            "hook_seconds_decode": self.hook_seconds_decode,
         }
