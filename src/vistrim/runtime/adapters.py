@@ -52,6 +52,8 @@ class LlavaAdapter:
         self.norm = self.lm.norm
         self.text_config = self.lm.config
         self.vision_tower = self.core.vision_tower
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        self.vision_layers = tower.encoder.layers
         self._check()
         attn = self.layers[0].self_attn
         self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -107,6 +109,13 @@ class LlavaAdapter:
             q = attn.q_norm(q)
         q = q.transpose(1, 2)
         return self._rope(q, q, cos, sin)[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The language model's rotary embeddings (cos, sin) for ``position_ids`` (B, n)."""
+        return self.lm.rotary_emb(hidden, position_ids=position_ids)
 
     def check_cache(self, cache) -> None:
         if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):

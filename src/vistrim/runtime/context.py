@@ -40,11 +40,13 @@ class PromptState:
     """The prompt entries the next decoder layer processes during prefill.
 
     src: (B, n) index of each entry in the padded input; live: (B, n) attended (False for padding
-    and for masked holes); visual: (B, n). ``version`` changes whenever the state changes.
+    and for masked holes); visual: (B, n); notes: method-owned (B, n) tensors that follow the
+    entries (e.g. a protected key set). ``version`` changes whenever the state changes.
     """
 
-    def __init__(self, src: torch.Tensor, live: torch.Tensor, visual: torch.Tensor, version: int = 0):
+    def __init__(self, src, live, visual, version: int = 0, notes: dict | None = None):
         self.src, self.live, self.visual, self.version = src, live, visual, version
+        self.notes = notes or {}
         self.all_live = bool(live.all())
         self._slots = None
 
@@ -52,6 +54,16 @@ class PromptState:
         if self._slots is None:
             self._slots = visual_slots(self.visual, self.live)
         return self._slots
+
+    def cut(self, live: torch.Tensor) -> tuple[PromptState, torch.Tensor | None]:
+        """The state with a new liveness, dead visual entries removed where every row allows.
+        Returns it and the gather index applied (None if nothing was removed physically)."""
+        index = removal_index(self.visual & ~live)
+        src, visual, notes = self.src, self.visual, self.notes
+        if index is not None:
+            src, live, visual = (t.gather(1, index) for t in (src, live, visual))
+            notes = {k: v.gather(1, index) for k, v in notes.items()}
+        return PromptState(src, live, visual, self.version + 1, notes), index
 
 
 class Context:
@@ -69,6 +81,9 @@ class Context:
         self.strip_cache = False
         self.tail_all_live = True  # decoding: the 2-D mask has no zeros after the prompt
         self._cut: torch.Tensor | None = None
+        self._entry_cut: torch.Tensor | None = None  # vision stage: entries gone before layer 0
+        self.inputs: dict = {}  # prefill: the core's keyword arguments, editable by the vision stage
+        self.scratch: dict = {}  # method-private state for this pass
         self._stash: tuple | None = None
         self._masks: dict = {}
         self._rope: tuple | None = None
@@ -149,13 +164,42 @@ class Context:
         if not bool(dead_slots.any()):
             return
         dead = torch.zeros_like(st.live).scatter_(1, index, dead_slots)
-        live = st.live & ~dead
-        cut = removal_index(st.visual & ~live)
-        src, visual = st.src, st.visual
-        if cut is not None:
-            src, live, visual = (t.gather(1, cut) for t in (src, live, visual))
+        self.state, cut = st.cut(st.live & ~dead)
         self._cut = (cut, st.src)
-        self.state = PromptState(src, live, visual, st.version + 1)
+
+    def slot_note(self, name: str, layer: int | None = None) -> torch.Tensor:
+        """A note (e.g. ``key``) of each visual slot, from the prefill state or cache ``layer``."""
+        index, _ = self.visual_slots(layer)
+        if layer is None and self.phase == PREFILL:
+            return self.state.notes[name].gather(1, index)
+        return self.cache_layer(self.layer if layer is None else layer).entry_notes[name].gather(1, index)
+
+    def replace_images(
+        self, features: list[torch.Tensor], notes: dict[str, list[torch.Tensor]] | None = None
+    ):
+        """Vision stage: image i enters the language model as ``features[i]`` (M_i, D) instead of
+        its N placeholder tokens. The first M_i placeholders carry the features, the others leave
+        before the first decoder layer; the model's own image encoding is skipped.
+        ``notes[name][i]`` (M_i,) are per-token notes that follow the tokens through the run.
+        """
+        ids = self.prompt_ids
+        placeholder = ids == self.geometry.image_token_id
+        per_image = int(placeholder.sum()) // max(1, len(features))
+        if per_image * len(features) != int(placeholder.sum()):
+            raise VistrimError("the prompt's image placeholders do not match the number of images")
+        rank = placeholder.flatten().cumsum(0).view_as(ids) - 1  # placeholder order, row-major
+        image, slot = rank // per_image, rank % per_image
+        sizes = torch.tensor([f.shape[0] for f in features], device=ids.device)
+        kept = placeholder & (slot < sizes[image.clamp(0, len(features) - 1)])
+        embeds = self.session.adapter.embed(ids)
+        embeds[kept] = torch.cat(features).to(embeds.dtype)
+        self.inputs.update(inputs_embeds=embeds, input_ids=None, pixel_values=None)
+        st = self.state
+        for name, values in (notes or {}).items():
+            note = torch.zeros(ids.shape, dtype=values[0].dtype, device=ids.device)
+            note[kept] = torch.cat(values).to(note.device)
+            st.notes[name] = note
+        self.state, self._entry_cut = st.cut(st.live & ~(placeholder & ~kept))
 
     def keep_top(self, scores: torch.Tensor, counts: torch.Tensor) -> None:
         """Prefill: keep the ``counts`` (B,) highest-scoring live visual slots of each sample."""

@@ -29,6 +29,7 @@ from transformers.masking_utils import create_causal_mask
 
 from ..errors import VistrimError
 from .adapters import adapter_for
+from ..ops.compact import gather_rows
 from .cache import TrackedLayer
 from .context import DECODE, PREFILL, Context, PromptState
 from .stats import RunStats
@@ -47,6 +48,7 @@ class Session:
         geo = self.adapter.geometry
         self._prefill_layers = frozenset(method.prefill_layers(geo))
         self._decode_layers = frozenset(method.decode_layers(geo))
+        self.renumber = getattr(method, "positions", "original") == "renumber"
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -118,6 +120,7 @@ class Session:
         src = torch.arange(length, device=input_ids.device).expand(batch, length)
         ctx = Context(self, PREFILL, cache, attention_mask, prompt_ids=input_ids)
         ctx.state = PromptState(src, live, visual & live)
+        ctx.inputs = kwargs
         ctx.strip_cache = not use_cache
         self.stats = RunStats(
             method=self.method.name,
@@ -166,9 +169,13 @@ class Session:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if ctx.phase == PREFILL:
+            if ctx._entry_cut is not None:  # the vision stage removed placeholders before layer 0
+                ctx.frozen = torch.zeros_like(hidden)
+                hidden = gather_rows(hidden, ctx._entry_cut, 1)
+                args, ctx._entry_cut = (hidden, *args[1:]), None
             self._prefill_layer_geometry(ctx, index, hidden, kwargs)
         else:
-            self._decode_layer_mask(ctx, index, hidden, kwargs)
+            self._decode_layer_geometry(ctx, index, hidden, kwargs)
         if index in self._prefill_layers or index in self._decode_layers:
             cos, sin = kwargs["position_embeddings"]
             batch = hidden.shape[0]
@@ -184,32 +191,50 @@ class Session:
         if st.version == 0:
             return
         if ctx._rope is None or ctx._rope[0] != st.version:
-            cos, sin = kwargs["position_embeddings"]
-            batch = st.src.shape[0]
-            cos, sin = (_take(t.expand(batch, *t.shape[1:]), st.src) for t in (cos, sin))
-            position_ids = kwargs.get("position_ids")
-            if position_ids is not None:
-                position_ids = position_ids.expand(batch, -1).gather(1, st.src)
-            ctx._rope = (st.version, (cos, sin), position_ids)
-        kwargs["position_embeddings"], kwargs["position_ids"] = ctx._rope[1], ctx._rope[2]
+            ctx._rope = (st.version, *self._prefill_positions(st, hidden, kwargs))
+        kwargs["position_embeddings"], kwargs["position_ids"] = ctx._rope[1:]
         if kwargs.get("attention_mask") is not None or not st.all_live:
             kwargs["attention_mask"] = self._mask(ctx, ("prefill", st.version), st.live, hidden, index)
 
-    def _decode_layer_mask(self, ctx: Context, index: int, hidden, kwargs: dict) -> None:
+    def _prefill_positions(self, st: PromptState, hidden, kwargs: dict):
+        """Rotary embeddings and position ids of the surviving entries: their original ones, or
+        (``positions = "renumber"``) contiguous positions over the live entries."""
+        batch = st.src.shape[0]
+        if self.renumber:
+            position_ids = (st.live.long().cumsum(-1) - 1).clamp(min=0)
+            return self.adapter.rotary(hidden, position_ids), position_ids
+        cos, sin = kwargs["position_embeddings"]
+        cos, sin = (_take(t.expand(batch, *t.shape[1:]), st.src) for t in (cos, sin))
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            position_ids = position_ids.expand(batch, -1).gather(1, st.src)
+        return (cos, sin), position_ids
+
+    def _decode_layer_geometry(self, ctx: Context, index: int, hidden, kwargs: dict) -> None:
         layer = ctx.cache.layers[index]
-        if kwargs.get("attention_mask") is None and layer.all_live and ctx.tail_all_live:
+        needs_mask = kwargs.get("attention_mask") is not None or not (layer.all_live and ctx.tail_all_live)
+        if not (needs_mask or self.renumber):
             return
         length = layer.get_seq_length()
-        tail = length - layer.held_prompt + hidden.shape[1]
         key = (id(layer.live), length)
         if key not in ctx._masks:
+            tail = length - layer.held_prompt + hidden.shape[1]
             pad2d = torch.cat([layer.live, ctx._tail_mask(tail)], dim=1)
-            ctx._masks[key] = (layer.live, self._build_mask(ctx, pad2d, hidden, index))
-        kwargs["attention_mask"] = ctx._masks[key][1]
+            mask = self._build_mask(ctx, pad2d, hidden, index) if needs_mask else None
+            rope = None
+            if self.renumber:  # each layer numbers its own live entries contiguously
+                position_ids = (pad2d.long().cumsum(-1) - 1)[:, -hidden.shape[1] :].clamp(min=0)
+                rope = (self.adapter.rotary(hidden, position_ids), position_ids)
+            ctx._masks[key] = (layer.live, mask, rope)
+        _, mask, rope = ctx._masks[key]
+        if needs_mask:
+            kwargs["attention_mask"] = mask
+        if rope is not None:
+            kwargs["position_embeddings"], kwargs["position_ids"] = rope
 
     def _mask(self, ctx: Context, key, pad2d, hidden, index: int):
         if key not in ctx._masks:
-            ctx._masks[key] = (pad2d, self._build_mask(ctx, pad2d, hidden, index))
+            ctx._masks[key] = (pad2d, self._build_mask(ctx, pad2d, hidden, index), None)
         return ctx._masks[key][1]
 
     def _build_mask(self, ctx: Context, pad2d, hidden, index: int):

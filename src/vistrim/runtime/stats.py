@@ -35,6 +35,10 @@ class RunStats:
     # On CUDA this is launch time unless the caller synchronizes.
     hook_seconds_prefill: float = 0.0
     hook_seconds_decode: float = 0.0
+    # Tokens each vision-tower layer processed (CLS included, mean over images) when a method
+    # changed them; None means the tower ran untouched.
+    vision_tokens: list[float] | None = None
+    extra: dict = field(default_factory=dict)  # method-specific numbers (plain types)
 
     @property
     def num_layers(self) -> int:
@@ -107,4 +111,6 @@ class RunStats:
             "decode_steps": self.decode_steps,
             "hook_seconds_prefill": self.hook_seconds_prefill,
             "hook_seconds_decode": self.hook_seconds_decode,
+            "vision_tokens_per_layer": self.vision_tokens,
+            **self.extra,
         }
