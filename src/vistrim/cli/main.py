@@ -1,4 +1,4 @@
-"""The ``vistrim`` command: list | run (| eval | bench as they land)."""
+"""The ``vistrim`` command: list | run | eval | bench."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import os
 import sys
 
 from ..errors import VistrimError
+from .bench import add_bench_parser
 from .common import Parser, add_method_args, add_model_args, fail
+from .eval import add_eval_parser
 
 
 def build_parser() -> Parser:
@@ -23,6 +25,9 @@ def build_parser() -> Parser:
     add_method_args(run)
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--json", help="also write the answer and statistics to this JSON file")
+
+    add_eval_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -41,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
             from .run import run_run
 
             return run_run(args)
+        if args.command == "eval":
+            from .eval import run_eval
+
+            return run_eval(args)
+        if args.command == "bench":
+            from .bench import run_bench
+
+            return run_bench(args)
     except VistrimError as error:
         return fail(str(error))
     except KeyboardInterrupt:

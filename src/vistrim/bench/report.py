@@ -1,0 +1,252 @@
+"""From raw benchmark records to rows of figures, the JSON file, the table and the plots.
+
+``aggregate`` and ``assemble`` are pure (plain numbers in, plain numbers out); the table and the
+plots only format rows.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.table import Table
+
+from .flops import INCLUDED, FlopsShape, flops_ratio, prefill_flops
+from .timing import spread
+
+MEMORY_NOTE = (
+    "CPU: peak RSS of the whole process (resource.getrusage); it never decreases, so each value is the "
+    "peak of everything run so far, not of one configuration. CUDA: max_memory_allocated after a reset."
+)
+
+
+def time_summary(runs: Sequence[dict]) -> dict:
+    """Median/min/max over repeats of prefill, of each repeat's median time per output token, and
+    of end-to-end time."""
+    timings = [r["timing"] for r in runs]
+    return {
+        "prefill_s": spread([t["prefill"] for t in timings]),
+        "per_token_s": spread([statistics.median(t["steps"]) if t["steps"] else 0.0 for t in timings]),
+        "e2e_s": spread([t["e2e"] for t in timings]),
+    }
+
+
+def paired_speedups(base: Sequence[dict], runs: Sequence[dict]) -> dict:
+    """Speed-ups repeat by repeat (the unpruned run just before each configuration's run), then
+    median/min/max: pairing cancels drift on a shared machine."""
+
+    def ratios(pick) -> dict:
+        return spread([pick(b["timing"]) / max(pick(r["timing"]), 1e-12) for b, r in zip(base, runs)])
+
+    def per_token(t: dict) -> float:
+        return statistics.median(t["steps"]) if t["steps"] else 0.0
+
+    return {
+        "prefill": ratios(lambda t: t["prefill"]),
+        "per_token": ratios(per_token),
+        "e2e": ratios(lambda t: t["e2e"]),
+    }
+
+
+def unpruned_flops(shape: FlopsShape, workload: dict, num_layers: int) -> dict:
+    """Every decoder layer sees the whole prompt; the tower sees every patch (per-sample mean)."""
+    tokens = statistics.mean(workload["prompt_tokens"])
+    visual = statistics.mean(workload["visual_tokens"])
+    return prefill_flops(shape, [tokens] * num_layers, visual, workload["images_per_sample"])
+
+
+def config_flops(shape: FlopsShape, workload: dict, stats: dict) -> dict:
+    """With the tower untouched the projector maps every image token; a method that shrinks the
+    tower hands fewer features on, so the projector sees what enters the first decoder layer."""
+    summary = stats["summary"]
+    projected = (
+        summary["visual_in"] if stats["vision_tokens"] is None else summary["prefill_visual_per_layer"][0]
+    )
+    return prefill_flops(
+        shape, stats["layer_tokens"], projected, workload["images_per_sample"], stats["vision_tokens"]
+    )
+
+
+def overhead(runs: Sequence[dict]) -> dict:
+    """Time in method hooks as a share of prefill time, per repeat."""
+    return spread([r["hook_seconds_prefill"] / max(r["timing"]["prefill"], 1e-12) for r in runs])
+
+
+def quality_fields(record: dict, reference: dict) -> dict:
+    fields = {
+        "layer_average_visual_answers": record["layer_average_visual"],
+        "identical": record["fidelity"]["identical"],
+        "kl_first_token": record["fidelity"]["kl_first_token"],
+    }
+    if "accuracy" in record:
+        accuracy, base = record["accuracy"]["accuracy"], reference["accuracy"]["accuracy"]
+        fields.update(
+            accuracy=accuracy,
+            relative_accuracy=accuracy / base if base else None,
+            accuracy_by_type=record["accuracy"]["by_type"],
+        )
+    return fields
+
+
+def unpruned_row(raw: dict, shape: FlopsShape, num_layers: int) -> dict:
+    runs, workload = raw["timing"]["runs"][0], raw["workload"]
+    final = sum(runs[0]["kv_bytes_final_read"])
+    return {
+        "label": "unpruned",
+        "method": None,
+        "budgets": [],
+        "settings": {},
+        "layer_average_visual": statistics.mean(workload["visual_tokens"]),
+        **time_summary(runs),
+        "speedup": paired_speedups(runs, runs),
+        "flops": unpruned_flops(shape, workload, num_layers),
+        "flops_ratio": 1.0,
+        "realisation_efficiency": 1.0,
+        "kv_bytes_prefill": sum(raw["unpruned_kv_prefill"]),
+        "kv_bytes_final": final,
+        "kv_ratio_prefill": 1.0,
+        "kv_ratio_final": 1.0,
+        "overhead": None,
+        "peak_memory_bytes": raw["timing"]["peak_memory"][0],
+        **quality_fields(raw["quality"][0], raw["quality"][0]),
+    }
+
+
+def config_row(raw: dict, index: int, shape: FlopsShape, base: dict) -> dict:
+    """Row for configuration ``index`` (0-based in raw["configs"]); ``base`` is the unpruned row."""
+    runs, meta = raw["timing"]["runs"][index + 1], raw["configs"][index]
+    stats = runs[0]["stats"]
+    flops = config_flops(shape, raw["workload"], stats)
+    ratio = flops_ratio(flops, base["flops"])
+    speedup = paired_speedups(raw["timing"]["runs"][0], runs)
+    kv_prefill, kv_final = sum(stats["kv_bytes_prefill"]), sum(runs[0]["kv_bytes_final_read"])
+    return {
+        **meta,
+        "layer_average_visual": stats["summary"]["layer_average_visual"],
+        **time_summary(runs),
+        "speedup": speedup,
+        "flops": flops,
+        "flops_ratio": ratio,
+        # measured prefill speed-up / the speed-up the FLOPs predict (1 / ratio)
+        "realisation_efficiency": speedup["prefill"]["median"] * ratio,
+        "kv_bytes_prefill": kv_prefill,
+        "kv_bytes_final": kv_final,
+        "kv_ratio_prefill": kv_prefill / base["kv_bytes_prefill"],
+        "kv_ratio_final": kv_final / base["kv_bytes_final"],
+        "overhead": overhead(runs),
+        "hook_seconds_decode": spread([r["hook_seconds_decode"] for r in runs]),
+        "peak_memory_bytes": raw["timing"]["peak_memory"][index + 1],
+        **quality_fields(raw["quality"][index + 1], raw["quality"][0]),
+    }
+
+
+def aggregate(raw: dict, shape: FlopsShape, num_layers: int) -> list[dict]:
+    """One row for the unpruned model, then one per configuration."""
+    base = unpruned_row(raw, shape, num_layers)
+    return [base] + [config_row(raw, i, shape, base) for i in range(len(raw["configs"]))]
+
+
+def assemble(settings: dict, rows: list[dict], raw: dict) -> dict:
+    """The ``bench.json`` document: full settings, aggregated rows, every raw number."""
+    return {
+        "settings": {**settings, "flops_included": INCLUDED, "peak_memory_note": MEMORY_NOTE},
+        "rows": rows,
+        "raw": raw,
+    }
+
+
+# ---------------------------------------------------------------------- table
+def fmt(value, pattern: str = "{:.2f}") -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def bench_table(rows: list[dict], title: str) -> Table:
+    labelled = any("accuracy" in r for r in rows)
+    table = Table(title=title, title_justify="left")
+    columns = [
+        "method",
+        "budget",
+        "tokens",
+        "prefill x",
+        "e2e x",
+        "token x",
+        "FLOPs",
+        "eff.",
+        "KV pre",
+        "KV end",
+    ]
+    columns += ["ovh.", "acc.", "rel."] if labelled else ["same", "KL"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("method", "budget") else "right")
+    for r in rows:
+        cells = [
+            r["label"],
+            ",".join(map(str, r["budgets"])) or "-",
+            fmt(r["layer_average_visual"], "{:.1f}"),
+        ]
+        cells += [fmt(r["speedup"][k]["median"]) + "x" for k in ("prefill", "e2e", "per_token")]
+        cells += [fmt(r["flops_ratio"], "{:.1%}"), fmt(r["realisation_efficiency"])]
+        cells += [fmt(r["kv_ratio_prefill"], "{:.0%}"), fmt(r["kv_ratio_final"], "{:.0%}")]
+        cells.append(fmt(r["overhead"] and r["overhead"]["median"], "{:.1%}"))
+        if labelled:
+            cells += [fmt(r.get("accuracy"), "{:.1%}"), fmt(r.get("relative_accuracy"), "{:.1%}")]
+        else:
+            cells += [fmt(r["identical"], "{:.0%}"), fmt(r["kl_first_token"], "{:.3f}")]
+        table.add_row(*cells)
+    return table
+
+
+# ---------------------------------------------------------------------- plots
+def by_method(rows: list[dict]) -> dict[str, list[dict]]:
+    lines: dict[str, list[dict]] = {}
+    for r in rows[1:]:
+        lines.setdefault(r["label"], []).append(r)
+    return lines
+
+
+def plot_speedup(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, key, name in zip(axes, ("prefill", "e2e"), ("prefill (time to first token)", "end to end")):
+        for label, points in by_method(rows).items():
+            points = sorted(points, key=lambda r: r["layer_average_visual"])
+            xs = [p["layer_average_visual"] for p in points]
+            ax.plot(xs, [p["speedup"][key]["median"] for p in points], marker="o", label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"{name} speed-up")
+        ax.set_xlabel("layer-averaged visual tokens (prefill)")
+    axes[0].set_ylabel("speed-up vs unpruned (median)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, name = (
+        ("accuracy", "accuracy") if "accuracy" in rows[0] else ("identical", "answers identical to unpruned")
+    )
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([1.0], [rows[0][key]], color="black", zorder=3, label="unpruned")
+    for label, points in by_method(rows).items():
+        points = sorted(points, key=lambda r: r["speedup"]["prefill"]["median"])
+        xs = [p["speedup"]["prefill"]["median"] for p in points]
+        ax.plot(xs, [p[key] for p in points], marker="o", label=label)
+    ax.set_xlabel("prefill speed-up vs unpruned (median)")
+    ax.set_ylabel(name)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

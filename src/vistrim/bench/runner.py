@@ -1,0 +1,180 @@
+"""Running the benchmark: every configuration interleaved with the unpruned model, then quality.
+
+Timing: a warm-up of every configuration, then for each repeat the unpruned model followed by each
+configuration in turn, so drift on a shared machine hits all of them alike. The unpruned model runs
+without vistrim's hooks (the reference a user compares against); ``none`` in ``--methods`` measures
+the runtime's own cost. Quality: greedy answers on labelled items (accuracy) and their agreement with
+the unpruned model's answers (fidelity), after all timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..api import trim
+from ..data.easyvqa import VQAItem
+from ..evaluate.fidelity import fidelity_summary
+from ..evaluate.harness import accuracy_summary, answer, encode, item_batches, mean, score, visual_counts
+from ..runtime.cache import kv_bytes
+from .specs import Config
+from .timing import peak_memory, reset_peak_memory, timed_generate
+
+Advance = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    new_tokens: int = 64
+    repeats: int = 5
+    batch: int = 1
+    warmup_tokens: int = 4
+    labelled: bool = True  # accuracy against labels (the test-bed); fidelity is always measured
+    quality_tokens: int = 2
+    quality_batch: int = 50
+
+
+def cache_bytes(cache) -> list[int]:
+    """Per-layer bytes of the key and value tensors the cache object holds."""
+    return [kv_bytes(layer) for layer in cache.layers]
+
+
+def workload(model, processor, items: Sequence[VQAItem], batch: int) -> tuple[dict, dict]:
+    """Timing inputs (the first ``batch`` items) and their geometry."""
+    images, questions = item_batches(items[:batch], batch)[0]
+    inputs = encode(processor, images, questions, model)
+    info = {
+        "batch": batch,
+        "prompt_tokens": inputs["attention_mask"].sum(-1).tolist(),
+        "padded_length": int(inputs["input_ids"].shape[1]),
+        "visual_tokens": visual_counts(model, inputs).tolist(),
+        "images_per_sample": inputs["pixel_values"].shape[0] / batch,
+        "questions": questions,
+    }
+    return inputs, info
+
+
+@torch.inference_mode()
+def unpruned_prefill_bytes(model, inputs) -> list[int]:
+    """KV bytes the plain model holds after prefill (one forward, the cache read directly)."""
+    return cache_bytes(model(**inputs, use_cache=True).past_key_values)
+
+
+def timed_run(model, inputs, method, new_tokens: int) -> dict:
+    """One timed generate; ``method`` None is the plain model. Returns timings, cache bytes, stats."""
+    scope = trim(model, method) if method is not None else contextlib.nullcontext()
+    with scope as session:
+        timing, output = timed_generate(model, inputs, new_tokens, return_dict_in_generate=True)
+    record = {"timing": timing.as_dict(), "kv_bytes_final_read": cache_bytes(output.past_key_values)}
+    if session is not None:
+        record["stats"] = session.stats
+    return record
+
+
+def stats_record(stats) -> dict:
+    """What the report needs from one run's statistics, as plain numbers."""
+    live_per_layer = [live.sum(-1).double().mean().item() for _, live, _ in stats.prefill_layers]
+    vision = getattr(stats, "vision_tokens", None)
+    return {
+        "summary": stats.summary(),
+        "layer_tokens": live_per_layer,
+        "vision_tokens": None if vision is None else [float(v) for v in vision],
+        "kv_bytes_prefill": list(stats.kv_bytes_prefill),
+        "kv_bytes_final": list(stats.kv_bytes_final),
+    }
+
+
+def time_all(model, inputs, configs: list[Config], options: BenchOptions, advance: Advance) -> dict:
+    """Warm-up, then ``repeats`` interleaved rounds. Returns raw records per configuration."""
+    methods = [None] + [c.method for c in configs]
+    for method in methods:
+        timed_run(model, inputs, method, options.warmup_tokens)
+        advance("warm-up", 1)
+    runs: list[list[dict]] = [[] for _ in methods]
+    peaks: list[int] = [0 for _ in methods]
+    for repeat in range(options.repeats):
+        for index, method in enumerate(methods):
+            reset_peak_memory(model.device)
+            record = timed_run(model, inputs, method, options.new_tokens)
+            peaks[index] = max(peaks[index], peak_memory(model.device)[0])
+            if "stats" in record:
+                stats = record.pop("stats")
+                record["hook_seconds_prefill"] = stats.hook_seconds_prefill
+                record["hook_seconds_decode"] = stats.hook_seconds_decode
+                if repeat == 0:
+                    record["stats"] = stats_record(stats)
+            runs[index].append(record)
+            advance(f"timing, repeat {repeat + 1}/{options.repeats}", 1)
+    return {"runs": runs, "peak_memory": peaks, "peak_memory_kind": peak_memory(model.device)[1]}
+
+
+def quality_all(
+    model, processor, items: Sequence[VQAItem], configs: list[Config], options: BenchOptions, advance: Advance
+) -> list[dict]:
+    """Answers of the unpruned model, then of each configuration: accuracy, fidelity, reached tokens."""
+    batches = item_batches(items, options.quality_batch)
+
+    def tick(n: int) -> None:
+        advance("answers", n)
+
+    reference = answer(model, processor, batches, None, options.quality_tokens, tick)
+    results = [quality_record(items, reference, reference, options)]
+    for config in configs:
+        answers = answer(model, processor, batches, config.method, options.quality_tokens, tick)
+        results.append(quality_record(items, reference, answers, options))
+    return results
+
+
+def quality_record(items, reference, answers, options: BenchOptions) -> dict:
+    record = {
+        "answers": answers.texts,
+        "layer_average_visual": mean(answers.reached),
+        "fidelity": fidelity_summary(
+            reference.texts, reference.first_logits, answers.texts, answers.first_logits
+        ),
+    }
+    if options.labelled:
+        correct = score(items, answers.texts)
+        record["correct"] = correct
+        record["accuracy"] = accuracy_summary(items, correct)
+    return record
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def environment(model, device: str, dtype: str) -> dict:
+    """Everything about the machine and software a figure depends on."""
+    import dataclasses
+    import os
+
+    import transformers
+
+    from .. import __version__
+    from ..runtime.adapters import adapter_for
+
+    return {
+        "device": device,
+        "dtype": dtype,
+        "attention": model.config.text_config._attn_implementation,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "vistrim": __version__,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
+        "geometry": dataclasses.asdict(adapter_for(model).geometry),
+    }

@@ -1,0 +1,142 @@
+"""Greedy answers of a (trimmed) model over labelled easy-vqa items, and the arithmetic on them.
+
+Generation is batched and left-padded; a method runs inside ``vistrim.trim`` and the visual tokens it
+actually reached are read from ``session.stats`` after every batch. Prompts go through the
+processor's chat template, so a real LLaVA checkpoint works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..api import trim
+from ..data.easyvqa import QTYPES, VQAItem, build_prompt, load_image, normalize_answer
+
+
+@dataclass
+class Answers:
+    """Per item: the generated text, the first-token logits (float32, CPU) and the layer-averaged
+    visual tokens its prefill reached; per batch: the run statistics' summary (None unpruned)."""
+
+    texts: list[str] = field(default_factory=list)
+    first_logits: list[torch.Tensor] = field(default_factory=list)
+    reached: list[float] = field(default_factory=list)
+    batches: list[dict | None] = field(default_factory=list)
+
+
+def render_prompt(processor, text: str) -> str:
+    """A prompt holding the image placeholder is used as written; otherwise the processor's chat
+    template (one image, then the text), or ``<image>\\n{text}`` when it has none."""
+    token = getattr(processor, "image_token", "<image>")
+    if token in text:
+        return text
+    if getattr(processor, "chat_template", None):
+        return build_prompt(processor, text)
+    return f"{token}\n{text}"
+
+
+def encode(processor, images: Sequence, prompts: Sequence[str], model):
+    """Left-padded model inputs for one batch (generation appends on the right of every row)."""
+    processor.tokenizer.padding_side = "left"
+    texts = [render_prompt(processor, p) for p in prompts]
+    inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def visual_counts(model, inputs) -> torch.Tensor:
+    """(B,) image tokens in each prompt, from ``input_ids == image_token_id``."""
+    return (inputs["input_ids"] == model.config.image_token_id).sum(-1)
+
+
+@torch.inference_mode()
+def generate_batch(model, inputs, max_new_tokens: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Greedy new tokens per row (up to EOS) and the first generated step's logits (B, V)."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    return list(new), out.logits[0].float().cpu()
+
+
+def answer(
+    model,
+    processor,
+    batches: Sequence[tuple[Sequence, Sequence[str]]],
+    method=None,
+    max_new_tokens: int = 2,
+    advance: Callable[[int], None] | None = None,
+) -> Answers:
+    """Greedy answers for ``batches`` of (images, prompts); ``method`` None runs the plain model."""
+    result = Answers()
+    for images, prompts in batches:
+        inputs = encode(processor, images, prompts, model)
+        torch.manual_seed(0)  # the same answers in every run, whatever ran before
+        scope = trim(model, method) if method is not None else contextlib.nullcontext()
+        with scope as session:
+            tokens, logits = generate_batch(model, inputs, max_new_tokens)
+        result.texts += [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
+        result.first_logits += list(logits)
+        stats = session.stats if session is not None else None
+        reached = stats.layer_average() if stats is not None else visual_counts(model, inputs).double()
+        result.reached += reached.tolist()
+        result.batches.append(stats.summary() if stats is not None else None)
+        if advance is not None:
+            advance(len(prompts))
+    return result
+
+
+def item_batches(items: Sequence[VQAItem], batch_size: int) -> list[tuple[list, list[str]]]:
+    """(images, questions) per batch of labelled items, in order."""
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    return [([load_image(it.image_path) for it in chunk], [it.question for it in chunk]) for chunk in chunks]
+
+
+# ---------------------------------------------------------------------- arithmetic (pure)
+def score(items: Sequence[VQAItem], texts: Sequence[str]) -> list[bool]:
+    """Exact match of the first answer word."""
+    return [normalize_answer(t) == normalize_answer(it.answer) for it, t in zip(items, texts, strict=True)]
+
+
+def accuracy_summary(items: Sequence[VQAItem], correct: Sequence[bool]) -> dict:
+    """``{"accuracy", "n", "by_type": {qtype: {"accuracy", "n"}}}`` (absent types left out)."""
+    by_type = {}
+    for qtype in QTYPES:
+        marks = [c for it, c in zip(items, correct) if it.qtype == qtype]
+        if marks:
+            by_type[qtype] = {"accuracy": sum(marks) / len(marks), "n": len(marks)}
+    return {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct), "by_type": by_type}
+
+
+def relative(value: float, reference: float) -> float | None:
+    """``value / reference``; None when the reference is 0 (no meaningful ratio)."""
+    return value / reference if reference else None
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+def config_summary(
+    items: Sequence[VQAItem], texts: Sequence[str], reached: Sequence[float], reference_accuracy: float
+) -> dict:
+    """Accuracy (overall and per question type), relative accuracy and the layer-averaged visual
+    tokens reached, averaged over every sample of every batch."""
+    correct = score(items, texts)
+    summary = accuracy_summary(items, correct)
+    return {
+        **summary,
+        "relative_accuracy": relative(summary["accuracy"], reference_accuracy),
+        "layer_average_visual": mean(reached),
+        "answers": list(texts),
+        "correct": correct,
+        "reached_per_sample": list(reached),
+    }
