@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -22,6 +22,24 @@ PROMPTS = [
     "USER: <image>\nwhat ? ASSISTANT:",
     "USER: describe the picture <image>\nis there a red circle in the top left of the photo ? ASSISTANT:",
 ]
+
+
+def shape_images(n: int, seed: int = 0, size: int = 40) -> list[Image.Image]:
+    """A coloured square on a flat background: flat windows that a vision-stage merge can merge."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 255, 3)))
+        x, y, w = (
+            int(rng.integers(0, size // 2)),
+            int(rng.integers(0, size // 2)),
+            int(rng.integers(8, size // 2)),
+        )
+        ImageDraw.Draw(image).rectangle(
+            (x, y, x + w, y + w), fill=tuple(int(c) for c in rng.integers(0, 255, 3))
+        )
+        out.append(image)
+    return out
 
 
 def images(n: int, seed: int = 0, size: int = 40) -> list[Image.Image]:

@@ -20,6 +20,7 @@ KEEP_ALL = {
     "fastv": {"keep": 1.0},
     "pdrop": {"ratio": 1.0},
     "st3": {"min_ratio": 1.0, "min_keep": 1.0},
+    "mustdrop": {"merge_threshold": 2.0, "alpha": 0.0, "beta": 0.0},
 }
 # Every registered method with settings that prune.
 PRUNING = {
@@ -28,6 +29,7 @@ PRUNING = {
     "fastv": {"keep": 0.25},
     "pdrop": {"ratio": 0.5},
     "st3": {"horizon": 8.0},
+    "mustdrop": {"budget": 24},
 }
 
 

@@ -35,6 +35,7 @@ class Geometry:
     vision_intermediate: int
     image_size: int
     patch_size: int
+    vision_feature_layer: int  # index into the tower's hidden states (0 = embeddings)
 
 
 class LlavaAdapter:
@@ -73,6 +74,7 @@ class LlavaAdapter:
             vision_intermediate=vision.intermediate_size,
             image_size=vision.image_size,
             patch_size=vision.patch_size,
+            vision_feature_layer=_feature_index(model.config.vision_feature_layer, vision.num_hidden_layers),
         )
 
     def _check(self) -> None:
@@ -122,6 +124,12 @@ class LlavaAdapter:
             raise VistrimError(f"vistrim needs a DynamicCache without offloading, got {type(cache).__name__}")
         if any(type(layer) is not DynamicLayer for layer in cache.layers):
             raise VistrimError("vistrim needs a DynamicCache of full-attention layers")
+
+
+def _feature_index(layer, num_layers: int) -> int:
+    if not isinstance(layer, int):
+        return num_layers  # several feature layers: vision-stage methods refuse this model
+    return layer if layer >= 0 else num_layers + 1 + layer
 
 
 ADAPTERS = {

@@ -122,12 +122,16 @@ class Context:
         return [zlib.crc32(ids[b][real[b]].cpu().numpy().tobytes()) for b in range(ids.shape[0])]
 
     @torch.no_grad()
-    def attention(self, queries: Literal["last", "text"] = "last", per_head: bool = False) -> Rows:
+    def attention(
+        self, queries: Literal["last", "text"] = "last", per_head: bool = False, full: bool = False
+    ) -> Rows:
         """Attention from query rows to the visual slots at the layer that just ran.
 
         queries: ``last`` = the last token (of the prompt in prefill, the newest in decoding);
         ``text`` = every live token after the last visual token (prefill only). Rebuilt from the
         layer's queries and its cached keys; the model's own attention is never changed.
+        ``full`` first materialises every query row (the whole attention matrix, as reference code
+        that reads eager attention maps does) and then reads the rows asked for: slower, same result.
         """
         layer, hidden, cos, sin = self._stash
         if queries == "text" and self.phase == PREFILL:
@@ -137,21 +141,29 @@ class Context:
             query_valid = torch.ones_like(rows, dtype=torch.bool)
         else:
             raise VistrimError(f"unknown query choice {queries!r} (use 'last' or 'text')")
-        q = self.session.adapter.query_rows(
-            layer, gather_rows(hidden, rows, 1), gather_rows(cos, rows, 1), gather_rows(sin, rows, 1)
-        )
-        keys = self.cache.layers[layer].keys
-        key_live = self._key_live(layer)
-        # Entry j is visible to query row r iff j <= r in the compact order (causality is kept by
-        # order-preserving compaction) and j is live.
-        offset = keys.shape[2] - hidden.shape[1]
-        causal = torch.arange(keys.shape[2], device=keys.device)[None, None, :] <= (rows + offset)[..., None]
-        allowed = (causal & key_live[:, None, :]) | ~query_valid[..., None]
-        probs = attention_probs(q, keys, self.session.adapter.scaling, allowed)
+        if full:
+            every = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+            probs = self._probs(layer, hidden, cos, sin, every, torch.ones_like(every, dtype=torch.bool))
+            probs = probs.gather(2, rows[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[3]))
+        else:
+            probs = self._probs(layer, hidden, cos, sin, rows, query_valid)
         slot_index, slot_valid = self.visual_slots()
         probs = probs.gather(-1, slot_index[:, None, None, :].expand(*probs.shape[:3], -1))
         probs = probs * (slot_valid[:, None, None, :] & query_valid[:, None, :, None])
         return Rows(probs if per_head else probs.mean(1), query_valid, slot_valid)
+
+    def _probs(self, layer, hidden, cos, sin, rows, query_valid) -> torch.Tensor:
+        """(B, H, m, n) attention probabilities of the query ``rows`` over the layer's cache."""
+        q = self.session.adapter.query_rows(
+            layer, gather_rows(hidden, rows, 1), gather_rows(cos, rows, 1), gather_rows(sin, rows, 1)
+        )
+        keys = self.cache.layers[layer].keys
+        # Entry j is visible to query row r iff j <= r in the compact order (causality is kept by
+        # order-preserving compaction) and j is live.
+        offset = keys.shape[2] - hidden.shape[1]
+        causal = torch.arange(keys.shape[2], device=keys.device)[None, None, :] <= (rows + offset)[..., None]
+        allowed = (causal & self._key_live(layer)[:, None, :]) | ~query_valid[..., None]
+        return attention_probs(q, keys, self.session.adapter.scaling, allowed)
 
     # ------------------------------------------------------------------ acting
     def keep(self, keep_slots: torch.Tensor) -> None:
@@ -193,7 +205,7 @@ class Context:
         kept = placeholder & (slot < sizes[image.clamp(0, len(features) - 1)])
         embeds = self.session.adapter.embed(ids)
         embeds[kept] = torch.cat(features).to(embeds.dtype)
-        self.inputs.update(inputs_embeds=embeds, input_ids=None, pixel_values=None)
+        self.inputs.update(inputs_embeds=embeds, input_ids=None, pixel_values=None, mm_encoder_outputs=None)
         st = self.state
         for name, values in (notes or {}).items():
             note = torch.zeros(ids.shape, dtype=values[0].dtype, device=ids.device)

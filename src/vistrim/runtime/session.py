@@ -28,8 +28,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from ..errors import VistrimError
-from .adapters import adapter_for
 from ..ops.compact import gather_rows
+from .adapters import adapter_for
 from .cache import TrackedLayer
 from .context import DECODE, PREFILL, Context, PromptState
 from .stats import RunStats

@@ -1,0 +1,261 @@
+"""MustDrop: visual tokens judged over their whole life — vision encoder, prefill and decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import VistrimError
+from ..ops.mustdrop import (
+    dual_keep,
+    dual_margin,
+    dual_scores,
+    grid_windows,
+    key_tokens,
+    merge_plan,
+    merge_windows,
+    stage_counts,
+    window_similarity,
+)
+from ..runtime.vision import VisionStage
+from .base import Budget, Method, check_budget, check_range, register, resolve_budget, scale_layer
+
+PRESETS = {"192": (0.001, 0.001), "128": (0.0012, 0.001), "64": (0.011, 0.01)}
+
+
+@register
+@dataclass
+class MustDrop(Method):
+    """MustDrop, "Multi-Stage Vision Token Dropping" (Liu et al., arXiv 2411.10803).
+
+    Vision stage: after vision layer ``merge_layer`` the patch grid is cut into ``window`` x
+    ``window`` windows; a window whose mean pairwise cosine similarity is >= ``merge_threshold``
+    becomes one token (the plain mean), so later tower layers run on fewer tokens and fewer image
+    tokens enter the language model. The key set is the top ``key_ratio`` of the patches by the
+    CLS row of attention at vision layer ``key_layer`` (rebuilt from q and k); later stages never
+    drop a key token. ``official`` reproduces the released code: every sample of a batch merges as
+    many windows as the sample with the fewest, merged tokens first; otherwise each sample keeps
+    its own count and raster order.
+    Prefill stage: after each pruning layer (``layers``, given for ``depth_ref`` layers and scaled),
+    S = head-averaged attention of the text tokens after the image to the visual tokens;
+    g_j = sum_i S_ij, u_j = max_i S_ij; token j is dropped iff g_j < alpha * sum g and u_j < beta.
+    ``preset`` "192"/"128"/"64" sets the released (alpha, beta). ``budget`` (a count, or a ratio of
+    the prompt's visual tokens) switches to exact-budget mode: per-stage counts solved so the
+    layer-averaged visual tokens meet it within one token per sample, ranked by the same dual test.
+    Decoding stage (``decode``): layers from the first pruning layer on keep in their cache only
+    the tokens that survived the last prefill stage. ``decode_evict`` (our extension, not in the
+    released code) also evicts, every ``decode_every`` steps, visual entries the generated token
+    pays less than ``decode_beta`` attention to.
+    ``positions``: ``original`` keeps every token's position; ``renumber`` numbers each layer's
+    tokens contiguously, as the released code does (consistently, also while decoding).
+    ``attention = "eager"`` materialises full attention matrices for scoring in every layer from
+    the first pruning layer on and at the key layer, as the released code does: same choices, for
+    measuring what rebuilding only the needed rows saves.
+    """
+
+    name = "mustdrop"
+    summary = (
+        "merge similar windows in the vision tower, dual-attention filter at prefill, output-aware cache"
+    )
+
+    vision: bool = True
+    window: int = 3
+    merge_threshold: float = 0.8
+    merge_layer: int = 0
+    key_ratio: float = 0.08
+    key_layer: int = -1
+    official: bool = False
+    prefill: bool = True
+    layers: tuple[int, ...] = (2, 6, 10, 14)
+    depth_ref: int = 32
+    preset: Literal["", "192", "128", "64"] = ""
+    alpha: float = 0.001
+    beta: float = 0.001
+    budget: Budget | None = None
+    positions: Literal["original", "renumber"] = "original"
+    decode: bool = True
+    decode_evict: bool = False
+    decode_beta: float = 0.01
+    decode_every: int = 1
+    attention: Literal["rows", "eager"] = "rows"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._stages: dict[int, VisionStage] = {}  # per session: its vision-stage hooks
+
+    def validate(self) -> None:
+        check_range(self.window, "mustdrop.window", low=2)
+        check_range(self.merge_threshold, "mustdrop.merge_threshold", low=-1.0)
+        check_range(self.merge_layer, "mustdrop.merge_layer", low=0)
+        check_range(self.key_ratio, "mustdrop.key_ratio", 0.0, 1.0)
+        check_range(self.depth_ref, "mustdrop.depth_ref", low=0)
+        for field in ("alpha", "beta", "decode_beta"):
+            check_range(getattr(self, field), f"mustdrop.{field}", low=0.0)
+        check_range(self.decode_every, "mustdrop.decode_every", low=1)
+        if self.budget is not None:
+            check_budget(self.budget, "mustdrop.budget")
+        if self.prefill and (
+            not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0
+        ):
+            raise VistrimError(
+                f"mustdrop.layers must be increasing layer indices >= 0, got {list(self.layers)}"
+            )
+        if self.preset:
+            self.alpha, self.beta = PRESETS[self.preset]
+
+    def bind(self, geo) -> None:
+        if self.prefill and not self.pruning_layers(geo.num_layers):
+            raise VistrimError(f"mustdrop.layers: none falls before the last of {geo.num_layers} layers")
+        if self.vision:
+            check_range(self.merge_layer, "mustdrop.merge_layer", 0, geo.vision_feature_layer - 2)
+            grid = geo.image_size // geo.patch_size
+            check_range(self.window, "mustdrop.window", 2, grid)
+        if self._needs_keys():
+            key = self.key_layer % geo.vision_layers
+            if not -geo.vision_layers <= self.key_layer < geo.vision_layers or (
+                self.vision and key <= self.merge_layer
+            ):
+                raise VistrimError(
+                    f"mustdrop.key_layer={self.key_layer} must be a vision layer after merge_layer"
+                )
+
+    def _needs_keys(self) -> bool:
+        return self.key_ratio > 0 and (self.prefill or self.decode_evict)
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        scaled = {scale_layer(layer, self.depth_ref or None, num_layers) for layer in self.layers}
+        return sorted(layer for layer in scaled if layer < num_layers - 1)
+
+    def at_budget(self, target: float, n_visual: int, num_layers: int) -> MustDrop:
+        return dataclasses.replace(self, budget=int(round(target)))
+
+    # ------------------------------------------------------------------ vision stage
+    def install(self, session) -> None:
+        if not (self.vision or self._needs_keys()):
+            return
+        geo = session.adapter.geometry
+        stage = VisionStage(
+            session.adapter,
+            reduce_after=self.merge_layer if self.vision else None,
+            reducer=self._reducer(geo.image_size // geo.patch_size) if self.vision else None,
+            probe_layer=self.key_layer % geo.vision_layers if self._needs_keys() else None,
+            full_matrix=self.attention == "eager",
+        )
+        stage.install(session)
+        self._stages[id(session)] = stage
+
+    def uninstall(self, session) -> None:
+        self._stages.pop(id(session), None)
+
+    def on_prefill_start(self, ctx) -> None:
+        stage = self._stages.get(id(ctx.session))
+        features = _image_features(ctx) if stage is not None else None
+        found = stage.lookup(features) if features else None
+        if found is None:  # no image, or encoded outside this session: the language-model stages still run
+            return
+        sizes = [int(record.valid[i].sum()) for record, i in found]
+        notes = {}
+        if self._needs_keys():
+            keys = [key_tokens(r.cls[i : i + 1], r.valid[i : i + 1], self.key_ratio)[0] for r, i in found]
+            notes["key"] = [k[:n] for k, n in zip(keys, sizes)]
+        ctx.replace_images([f[:n] for f, n in zip(features, sizes)], notes)
+        stats, record = ctx.session.stats, found[0][0]
+        stats.vision_tokens = record.tokens_per_layer
+        stats.extra["mustdrop_visual_after_merge"] = sizes
+        stats.extra["mustdrop_merged_windows"] = [int(r.merged[i]) for r, i in found if r.merged is not None]
+        stats.extra["mustdrop_key_tokens"] = [int(k.sum()) for k in notes.get("key", [])]
+
+    def _reducer(self, grid: int):
+        windows = grid_windows(grid, grid, self.window)
+
+        def reduce(hidden: torch.Tensor):
+            cls, patches = hidden[:, :1], hidden[:, 1:]
+            similarity = window_similarity(patches, windows)
+            plan = merge_plan(similarity, self.merge_threshold, same_count=self.official)
+            tokens, valid, _ = merge_windows(patches, windows, plan, similarity, merged_first=self.official)
+            head = torch.ones_like(valid[:, :1])
+            return torch.cat([cls, tokens], 1), torch.cat([head, valid], 1), plan.sum(-1)
+
+        return reduce
+
+    # ------------------------------------------------------------------ prefill stage
+    def prefill_layers(self, geo):
+        if not self.prefill:
+            return ()
+        pruning = self.pruning_layers(geo.num_layers)
+        return range(pruning[0], geo.num_layers) if self.attention == "eager" else pruning
+
+    def on_prefill_layer(self, ctx, layer: int) -> None:
+        pruning = self.pruning_layers(ctx.geometry.num_layers)
+        full = self.attention == "eager"
+        if layer not in pruning:  # eager mode: the released code materialises attention here too
+            ctx.attention("text", full=True)
+            return
+        rows = ctx.attention("text", full=full)
+        g, u = dual_scores(rows.probs, rows.query_valid)
+        key = ctx.slot_note("key") if "key" in ctx.state.notes else torch.zeros_like(rows.slot_valid)
+        if self.budget is None:
+            ctx.keep(dual_keep(g, u, self.alpha, self.beta) | key)
+            return
+        stage = pruning.index(layer)
+        if stage == 0:
+            ctx.scratch["mustdrop_counts"] = self._stage_counts(ctx, pruning, key)
+        margin = dual_margin(g, u, max(self.alpha, 1e-12), max(self.beta, 1e-12)).masked_fill(
+            key, float("inf")
+        )
+        ctx.keep_top(margin, ctx.scratch["mustdrop_counts"][:, stage])
+
+    def _stage_counts(self, ctx, pruning: list[int], key: torch.Tensor) -> torch.Tensor:
+        """(B, stages) kept counts meeting the layer-averaged budget, per sample."""
+        available, original, floor = ctx.visual_counts(), ctx.initial_visual_counts(), key.sum(-1)
+        rows = [
+            stage_counts(
+                int(n), resolve_budget(self.budget, int(n0)), pruning, ctx.geometry.num_layers, int(f)
+            )
+            for n, n0, f in zip(available, original, floor)
+        ]
+        return torch.tensor(rows, device=available.device)
+
+    # ------------------------------------------------------------------ decoding stage
+    def on_prefill_end(self, ctx) -> None:
+        if not (self.decode and self.prefill):
+            return
+        st = ctx.state
+        survivors = torch.zeros_like(ctx.prompt_ids, dtype=torch.bool)
+        survivors.scatter_(1, st.src, st.live & st.visual)
+        for layer in range(self.pruning_layers(ctx.geometry.num_layers)[0], ctx.geometry.num_layers):
+            cache_layer = ctx.cache_layer(layer)
+            index, valid = cache_layer.visual_slots()
+            ctx.evict(layer, survivors.gather(1, cache_layer.pos.gather(1, index)) | ~valid)
+
+    def decode_layers(self, geo):
+        if not self.decode_evict:
+            return ()
+        start = self.pruning_layers(geo.num_layers)[0] if self.prefill else 0
+        return range(start, geo.num_layers)
+
+    def on_decode_layer(self, ctx, layer: int) -> None:
+        if ctx.step % self.decode_every:
+            return
+        attention = ctx.attention("last").probs[:, 0]
+        notes = ctx.cache_layer(layer).entry_notes
+        key = ctx.slot_note("key", layer) if "key" in notes else torch.zeros_like(attention, dtype=torch.bool)
+        ctx.evict(layer, (attention >= self.decode_beta) | key)
+
+
+def _image_features(ctx) -> list[torch.Tensor] | None:
+    """Per-image features of this prefill: encoded now from ``pixel_values`` (with the vision
+    stage's hooks active), or as ``generate`` encoded them before prefill."""
+    inputs, config = ctx.inputs, ctx.session.adapter.model.config
+    if inputs.get("pixel_values") is not None:
+        output = ctx.session.adapter.core.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        return list(output.pooler_output)
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+    return None if encoded is None else list(encoded.pooler_output)
