@@ -56,6 +56,12 @@ def run_run(args) -> int:
 def report(console: Console, answer: str, method, s: dict) -> None:
     console.print(f"[bold]answer:[/bold] {answer}")
     console.print(f"[bold]method:[/bold] {method.describe()}")
+    if s.get("vision_tokens_per_layer"):
+        tower = " ".join(f"{v:g}" for v in s["vision_tokens_per_layer"])
+        console.print(f"vision tower tokens per layer (CLS included): {tower}")
+    for key, value in s.items():
+        if key.startswith("mustdrop_"):
+            console.print(f"{key.removeprefix('mustdrop_').replace('_', ' ')}: {value}")
     per_layer = " ".join(f"{v:g}" for v in s["prefill_visual_per_layer"])
     console.print(f"visual tokens per layer, prefill: {per_layer}")
     console.print(f"layer-averaged visual tokens: {s['layer_average_visual']:.1f} of {s['visual_in']:g}")
