@@ -161,22 +161,20 @@ def fmt(value, pattern: str = "{:.2f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
+TIMING_COLUMNS = ("method", "budget", "tokens", "prefill x", "e2e x", "token x")
+TIMING_COLUMNS += ("FLOPs", "eff.", "KV pre", "KV end", "overhead")
+LEGEND = (
+    "tokens: layer-averaged visual tokens reached in prefill. x: speed-up vs unpruned, median of repeats "
+    "paired with the unpruned run before them (prefill = time to first token; token = median time per "
+    "output token). FLOPs: prefill FLOPs / unpruned. eff.: prefill speed-up / (1 / FLOPs ratio). KV: cache "
+    "bytes / unpruned after prefill and at the end. overhead: time in method hooks / prefill time."
+)
+
+
 def bench_table(rows: list[dict], title: str) -> Table:
     labelled = any("accuracy" in r for r in rows)
-    table = Table(title=title, title_justify="left")
-    columns = [
-        "method",
-        "budget",
-        "tokens",
-        "prefill x",
-        "e2e x",
-        "token x",
-        "FLOPs",
-        "eff.",
-        "KV pre",
-        "KV end",
-    ]
-    columns += ["ovh.", "acc.", "rel."] if labelled else ["same", "KL"]
+    table = Table(title=title, title_justify="left", caption=LEGEND, caption_justify="left")
+    columns = list(TIMING_COLUMNS) + (["acc.", "rel. acc."] if labelled else ["same ans.", "KL 1st"])
     for column in columns:
         table.add_column(column, justify="left" if column in ("method", "budget") else "right")
     for r in rows:

@@ -1,0 +1,164 @@
+"""``vistrim eval``: accuracy arithmetic on injected answers, reached budgets from the runtime,
+fidelity on the tiny model, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import no_hooks
+from PIL import Image
+
+import vistrim.data.easyvqa as easyvqa
+import vistrim.evaluate.harness as harness
+from vistrim.cli.main import main
+from vistrim.data.easyvqa import VQAItem
+from vistrim.evaluate.fidelity import first_token_kl, identical_share, pair_up
+from vistrim.evaluate.harness import config_summary
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def labelled_items(image: str) -> list[VQAItem]:
+    return [
+        VQAItem("what shape is in the image ?", "circle", image, "shape"),
+        VQAItem("what shape is this ?", "circle", image, "shape"),
+        VQAItem("what color is the shape ?", "red", image, "color"),
+        VQAItem("is there a red shape ?", "yes", image, "yesno"),
+    ]
+
+
+# ---------------------------------------------------------------------- pure arithmetic
+def test_config_summary_by_hand():
+    items = labelled_items("x.png")
+    summary = config_summary(
+        items, ["Circle.", "triangle", "red", "no"], [10, 20, 30, 40], reference_accuracy=0.75
+    )
+    assert summary["accuracy"] == 0.5 and summary["n"] == 4
+    assert summary["relative_accuracy"] == pytest.approx(0.5 / 0.75)
+    assert summary["by_type"] == {
+        "shape": {"accuracy": 0.5, "n": 2},
+        "color": {"accuracy": 1.0, "n": 1},
+        "yesno": {"accuracy": 0.0, "n": 1},
+    }
+    assert summary["layer_average_visual"] == 25.0
+    assert config_summary(items, ["x"] * 4, [1] * 4, reference_accuracy=0.0)["relative_accuracy"] is None
+
+
+def test_first_token_kl_and_identical_share_by_hand():
+    p = torch.tensor([[0.5, 0.5], [0.2, 0.8]]).log()
+    q = torch.tensor([[0.25, 0.75], [0.2, 0.8]]).log()
+    # 0.5 ln(0.5/0.25) + 0.5 ln(0.5/0.75) = 0.5 ln 2 + 0.5 ln(2/3)
+    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert first_token_kl(p, q).tolist() == pytest.approx([expected, 0.0], abs=1e-7)
+    assert identical_share(["a b", "c", "d"], ["a b", "c ", "d"]) == pytest.approx(2 / 3)
+    assert pair_up(["i1", "i2"], ["p1", "p2"], limit=3) == [("i1", "p1"), ("i1", "p2"), ("i2", "p1")]
+
+
+# ---------------------------------------------------------------------- a run with injected answers
+def test_eval_relative_accuracy_and_reached_budgets(capsys, tmp_path, image_dir, monkeypatch):
+    items = labelled_items(str(image_dir / "a.png"))
+    monkeypatch.setattr(easyvqa, "load_split", lambda split: items)
+    seen = {"items": 0}
+    real_generate = harness.generate_batch
+
+    def injected(model, inputs, max_new_tokens):
+        """A real prefill (so the runtime records what it reached), then fixed answers: the
+        unpruned model answers every item right, a trimmed one says "circle" to everything."""
+        real_generate(model, inputs, 1)
+        rows = inputs["input_ids"].shape[0]
+        order = [(seen["items"] + i) % len(items) for i in range(rows)]
+        seen["items"] += rows
+        words = [items[i].answer if no_hooks(model) else "circle" for i in order]
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ids = [torch.tensor([tokenizer.convert_tokens_to_ids(w)]) for w in words]
+        return ids, torch.zeros(rows, vocab)
+
+    from vistrim.models.tiny import build_processor
+
+    tokenizer = build_processor(32, 4).tokenizer
+    monkeypatch.setattr(harness, "generate_batch", injected)
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", "tiny", "--methods", "fastv", "--budgets", "32,0.75", "--batch-size", "3"]
+    code, stdout, err = run_cli(capsys, *argv, "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert [(r["label"], r["budgets"]) for r in rows] == [
+        ("unpruned", []),
+        ("fastv", [32]),
+        ("fastv", [0.75]),
+    ]
+    assert rows[0]["accuracy"] == 1.0 and rows[0]["layer_average_visual"] == 64
+    for row in rows[1:]:  # circle, circle right; red, yes wrong
+        assert row["accuracy"] == 0.5 and row["relative_accuracy"] == 0.5
+        assert row["by_type"]["shape"]["accuracy"] == 1.0 and row["by_type"]["yesno"]["accuracy"] == 0.0
+    # 64 visual tokens, 6 layers, FastV cuts after layer 2: (64*2 + 16*4) / 6 and (64*2 + 40*4) / 6
+    assert rows[1]["layer_average_visual"] == 32.0 and rows[1]["settings"]["keep"] == 16
+    assert rows[2]["layer_average_visual"] == 48.0 and rows[2]["settings"]["keep"] == 40
+    assert len(rows[1]["batch_stats"]) == 2  # batches of 3 and 1, both counted
+    assert "relative" in stdout and (out / "accuracy_vs_budget.png").stat().st_size > 1000
+
+
+def test_fidelity_none_matches_unpruned_exactly(capsys, tmp_path, image_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("what color is the shape ?\n\nis there a red circle in the top left of the photo ?\n")
+    out = tmp_path / "fid"
+    argv = ["eval", "--fidelity", "--model", "tiny", "--images", str(image_dir), "--prompts", str(prompts)]
+    argv += ["--methods", "none,fastv", "--budgets", "0.5", "--batch-size", "3", "--max-new-tokens", "4"]
+    code, stdout, err = run_cli(capsys, *argv, "--out", str(out))
+    assert code == 0, err
+    document = json.loads((out / "eval.json").read_text())
+    rows = {r["label"]: r for r in document["rows"]}
+    assert document["settings"]["samples"] == 4  # 2 images x 2 prompts (blank line and .txt skipped)
+    assert rows["none"]["identical"] == 1.0 and rows["none"]["kl_first_token"] < 1e-9
+    assert rows["none"]["answers"] == rows["unpruned"]["answers"]
+    # budget 0.5 = 32 layer-averaged tokens of 64: FastV keeps 16 after layer 2, (64*2 + 16*4) / 6
+    assert rows["fastv"]["layer_average_visual"] == 32.0 and rows["fastv"]["settings"]["keep"] == 16
+    assert rows["fastv"]["kl_first_token"] >= 0 and 0 <= rows["fastv"]["identical"] <= 1
+    assert (out / "fidelity_vs_budget.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--fidelity", "--images", "/no/such/folder", "--prompt", "what ?"], "image or folder not found"),
+        (["--fidelity", "--prompt", "what ?"], "--fidelity needs --images"),
+        (["--images", "x.png"], "belong to --fidelity"),
+        (["--methods", "fastv,nosuch"], "unknown method 'nosuch'"),
+        (["--budgets", "0.3,lots"], "bad budget 'lots'"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
+def test_eval_bad_input_is_one_line(capsys, argv, message):
+    code, _, err = run_cli(capsys, "eval", "--model", "tiny", *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_fidelity_empty_folder_and_missing_prompts(capsys, tmp_path, image_dir):
+    code, _, err = run_cli(
+        capsys, "eval", "--fidelity", "--model", "tiny", "--images", str(tmp_path), "--prompt", "x"
+    )
+    assert code == 2 and "no images" in err
+    code, _, err = run_cli(capsys, "eval", "--fidelity", "--model", "tiny", "--images", str(image_dir))
+    assert code == 2 and "no prompt" in err
