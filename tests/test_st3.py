@@ -42,7 +42,7 @@ def ceil_count(n, ratio):
         ({"start_layer": 1, "end_layer": 5, "min_ratio": 0.1, "depth_ref": 0}, 1, 5),
         ({"start_layer": 0, "end_layer": 4, "min_ratio": 0.0, "schedule": "cosine", "depth_ref": 0}, 0, 4),
         ({"start_layer": 2, "end_layer": 3, "min_ratio": 0.25, "depth_ref": 0, "queries": "text"}, 2, 3),
-        ({}, 0, 5),  # defaults: K=2, E=24 of 32 layers -> 0 and 5 of 6
+        ({}, 0, 3),  # defaults: K=2, E=18 of 32 layers -> 0 and 3 of 6
     ],
 )
 def test_prefill_counts_follow_schedule(tiny, batch, settings, start, end):
@@ -65,10 +65,10 @@ def test_step_schedule_and_depth_scaling():
         with torch.no_grad():
             model(**inputs)
     assert session.stats.prefill_visual()[:, 0].tolist() == [64, 64, 64, 32, 32, 8, 8, 8, 8, 8]
-    # a linear schedule given for 32 layers: K=2 -> 1 (0.625 rounds up), E=24 -> 8 (7.5 rounds up)
+    # a linear schedule given for 32 layers: K=2 -> 1 (0.625 rounds up), E=18 -> 6 (5.625 rounds up)
     with vistrim.trim(model, "st3", vta=False, min_ratio=0.0) as session, torch.no_grad():
         model(**inputs)
-    expected = [ceil_count(64, spec_ratio(layer, 1, 8, 0.0, "linear")) for layer in range(10)]
+    expected = [ceil_count(64, spec_ratio(layer, 1, 6, 0.0, "linear")) for layer in range(10)]
     assert session.stats.prefill_visual()[:, 0].tolist() == expected
 
 
