@@ -49,6 +49,7 @@ class Session:
         self._prefill_layers = frozenset(method.prefill_layers(geo))
         self._decode_layers = frozenset(method.decode_layers(geo))
         self.renumber = getattr(method, "positions", "original") == "renumber"
+        self._flash = self.adapter.text_config._attn_implementation.startswith("flash")
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -206,8 +207,12 @@ class Session:
         cos, sin = kwargs["position_embeddings"]
         cos, sin = (_take(t.expand(batch, *t.shape[1:]), st.src) for t in (cos, sin))
         position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
+        if position_ids is not None and not self._flash:
             position_ids = position_ids.expand(batch, -1).gather(1, st.src)
+        else:
+            # FlashAttention reads position ids that are not contiguous as packed sequences and
+            # would split the row; rotary embeddings already carry the positions.
+            position_ids = None
         return (cos, sin), position_ids
 
     def _decode_layer_geometry(self, ctx: Context, index: int, hidden, kwargs: dict) -> None:
