@@ -39,8 +39,15 @@ class TrackedLayer(DynamicLayer):
         return self.get_seq_length() - self.held_prompt
 
     def describe_prompt(
-        self, prompt_len: int, pos: torch.Tensor, live: torch.Tensor, visual: torch.Tensor, all_live: bool
+        self,
+        prompt_len: int,
+        pos: torch.Tensor,
+        live: torch.Tensor,
+        visual: torch.Tensor,
+        all_live: bool,
+        notes: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        self.entry_notes = dict(notes or {})
         self.prompt_len, self.pos, self.live, self.visual, self.all_live = (
             prompt_len,
             pos,

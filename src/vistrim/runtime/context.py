@@ -89,10 +89,6 @@ class Context:
         self._rope: tuple | None = None
 
     # ------------------------------------------------------------------ reading
-    @property
-    def batch_size(self) -> int:
-        return self.cache.layers[0].pos.shape[0] if self.phase == DECODE else self.state.src.shape[0]
-
     def visual_slots(self, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, valid) of the visual slots: of the prefill state, or of cache ``layer``."""
         if layer is None and self.phase == PREFILL:

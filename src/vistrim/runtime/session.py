@@ -186,7 +186,7 @@ class Session:
     def _prefill_layer_geometry(self, ctx: Context, index: int, hidden, kwargs: dict) -> None:
         st = ctx.state
         ctx.cache.layers[index].describe_prompt(
-            ctx.prompt_ids.shape[1], st.src, st.live, st.visual, st.all_live
+            ctx.prompt_ids.shape[1], st.src, st.live, st.visual, st.all_live, st.notes
         )
         self.stats.prefill_layers.append((st.src, st.live, st.visual))
         if st.version == 0:
