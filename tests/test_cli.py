@@ -238,7 +238,9 @@ def test_run_mustdrop_and_st3_report_their_stages(capsys, saved_tiny, tmp_path):
     image = tmp_path / "flat.png"
     Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
     base = ["run", "--model", str(saved_tiny), "--image", str(image), "--prompt", "what color ?"]
-    code, out, err = run_cli(capsys, *base, "--method", "mustdrop", "--set", "budget=16", "--max-new-tokens", "2")
+    code, out, err = run_cli(
+        capsys, *base, "--method", "mustdrop", "--set", "budget=16", "--max-new-tokens", "2"
+    )
     assert code == 0, err
     assert "merged windows: [4]" in out and "vision tower tokens per layer" in out
     assert "layer-averaged visual tokens: 16.0" in out
