@@ -244,6 +244,8 @@ def test_run_mustdrop_and_st3_report_their_stages(capsys, saved_tiny, tmp_path):
     assert code == 0, err
     assert "merged windows: [4]" in out and "vision tower tokens per layer" in out
     assert "layer-averaged visual tokens: 16.0" in out
-    code, out, err = run_cli(capsys, *base, "--method", "st3", "--set", "horizon=2", "--max-new-tokens", "4")
+    code, out, err = run_cli(
+        capsys, *base, "--method", "st3", "--set", "horizon=2", "--set", "every=1", "--max-new-tokens", "4"
+    )
     assert code == 0, err
     assert "64 43 22 0 0 0" in out and "in the cache after decoding: 0 0 0 0 0 0" in out

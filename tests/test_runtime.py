@@ -28,7 +28,7 @@ PRUNING = {
     "random": {"keep": 0.3},
     "fastv": {"keep": 0.25},
     "pdrop": {"ratio": 0.5},
-    "st3": {"horizon": 8.0},
+    "st3": {"horizon": 8.0, "every": 1},
     "mustdrop": {"budget": 24},
 }
 

@@ -114,7 +114,7 @@ def test_decoding_counts_follow_annealing(tiny, batch, settings):
 
 def test_memory_only_goes_down_and_lands_low(tiny, batch):
     model, _ = tiny
-    with vistrim.trim(model, "st3", horizon=12.0) as session:
+    with vistrim.trim(model, "st3", horizon=12.0, every=2) as session:
         greedy(model, batch, n=12)
     history = torch.stack([session.stats.cache_visual_prefill, *session.stats.decode_visual])
     assert (history[1:] <= history[:-1]).all()
@@ -123,7 +123,7 @@ def test_memory_only_goes_down_and_lands_low(tiny, batch):
 
 def test_vta_only_keeps_prefill_whole(tiny, batch):
     model, _ = tiny
-    with vistrim.trim(model, "st3", pvtp=False, horizon=4.0) as session:
+    with vistrim.trim(model, "st3", pvtp=False, horizon=4.0, every=1) as session:
         greedy(model, batch, n=6)
     assert (session.stats.prefill_visual() == 64).all()
     assert (session.stats.cache_visual_final == 0).all()
@@ -133,7 +133,7 @@ def test_beam_search_with_annealing_batch_equals_one_by_one(tiny, batch):
     """Beams evict different entries; beam reordering must carry each cache layer's record."""
     model, processor = tiny
     kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "num_beams": 2, "do_sample": False}
-    with vistrim.trim(model, "st3", horizon=5.0), torch.no_grad():
+    with vistrim.trim(model, "st3", horizon=5.0, every=1), torch.no_grad():
         batched = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
         for b, prompt in enumerate(PROMPTS):
             single = processor(images=images(3)[b : b + 1], text=[prompt], return_tensors="pt")

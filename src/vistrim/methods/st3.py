@@ -47,10 +47,12 @@ class ST3(Method):
     rho -> ``schedule`` / ``steps``, f -> ``curve``, T or tau -> ``horizon``, floor -> ``min_keep``
     (a float is a share of N_l(0), an int a count). Layer fields are given for a ``depth_ref``-layer
     model and scaled to the model's depth (0 = use them as given).
-    Defaults (K=2, E=18 of 32 layers, rho_min=0, linear; T=128 linear): calibrated on the
-    LLaVA-1.5-geometry model (576 visual tokens, 30 layers): 192 layer-averaged visual tokens
-    (33%), prefill FLOPs 42% of unpruned (vision tower included), KV cache 29% of unpruned after a
-    64-token answer. README "Methods" lists the measured numbers.
+    Defaults (K=2, E=18 of 32 layers, rho_min=0, linear; T=112 linear, re-selected every 8 steps):
+    calibrated on the LLaVA-1.5-geometry model (576 visual tokens, 30 layers): 192 layer-averaged
+    visual tokens (33%), prefill FLOPs 42% of unpruned (vision tower included), KV cache 29% of
+    unpruned after a 64-token answer. Re-selecting every step scores and compacts every layer's
+    cache at every step, which costs more than it saves while decoding is weight-bound (CPU,
+    small batches); ``every=1`` is the finest setting.
     """
 
     name = "st3"
@@ -65,9 +67,9 @@ class ST3(Method):
     queries: Literal["last", "text"] = "last"
     vta: bool = True
     curve: Literal["linear", "cosine", "exponential"] = "linear"
-    horizon: float = 128.0
+    horizon: float = 112.0
     min_keep: Budget = 0
-    every: int = 1
+    every: int = 8
     smoothing: float = 0.0
     depth_ref: int = 32
 

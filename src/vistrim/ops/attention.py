@@ -19,13 +19,18 @@ def grouped_logits(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Te
     return logits.view(batch, heads, rows, k.shape[2])
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, allowed: torch.Tensor) -> torch.Tensor:
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scaling: float, allowed: torch.Tensor | None
+) -> torch.Tensor:
     """Softmax attention probabilities of the query rows ``q`` over the keys ``k``.
 
-    allowed: (B, m, n) bool, True where query row i may attend to key j (causality and padding).
-    Rows with no allowed key come out as zeros instead of NaN. Returns float32 (B, H, m, n).
+    allowed: (B, m, n) bool, True where query row i may attend to key j (causality and padding),
+    or None when every key is visible. Rows with no allowed key come out as zeros instead of NaN.
+    Returns float32 (B, H, m, n).
     """
     logits = grouped_logits(q, k, scaling)
+    if allowed is None:
+        return torch.softmax(logits, dim=-1)
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)

@@ -25,6 +25,7 @@ class TrackedLayer(DynamicLayer):
         self.live: torch.Tensor | None = None  # (B, P) attended (not padding, not a masked hole)
         self.visual: torch.Tensor | None = None  # (B, P) visual token
         self.all_live = True  # no padding and no holes: the layer needs no mask of its own
+        self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
         # Method-owned notes that must follow the rows and entries: (B, P) per held prompt entry,
         # and (B, ...) per row. Compaction gathers entry notes; row operations select both.
         self.entry_notes: dict[str, torch.Tensor] = {}
@@ -48,23 +49,20 @@ class TrackedLayer(DynamicLayer):
         notes: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.entry_notes = dict(notes or {})
-        self.prompt_len, self.pos, self.live, self.visual, self.all_live = (
-            prompt_len,
-            pos,
-            live,
-            visual,
-            all_live,
-        )
+        self.prompt_len, self.pos, self.live, self.visual = prompt_len, pos, live, visual
+        self.all_live, self._slots = all_live, None
 
     def visual_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (B, V) of the held visual entries per row and their validity (live, not padding)."""
-        return visual_slots(self.visual, self.live)
+        if self._slots is None:  # recomputed only when the entries change
+            self._slots = visual_slots(self.visual, self.live)
+        return self._slots
 
     def drop(self, dead: torch.Tensor) -> None:
         """Stop attending to prompt entries ``dead`` (B, P) and free their memory where rows allow."""
         if bool((dead & ~self.visual).any()):
             raise VistrimError("internal: only visual cache entries may be evicted")
-        self.live = self.live & ~dead
+        self.live, self._slots = self.live & ~dead, None
         index = removal_index(self.visual & ~self.live)
         if index is not None:
             self._keep_prompt_entries(index)
@@ -108,6 +106,7 @@ class TrackedLayer(DynamicLayer):
         if self.pos is None:
             return
         self.pos, self.live, self.visual = (fn(t) for t in (self.pos, self.live, self.visual))
+        self._slots = None
         self.entry_notes = {k: fn(v) for k, v in self.entry_notes.items()}
         self.row_notes = {k: fn(v) for k, v in self.row_notes.items()}
 

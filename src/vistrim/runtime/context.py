@@ -150,10 +150,14 @@ class Context:
 
     def _probs(self, layer, hidden, cos, sin, rows, query_valid) -> torch.Tensor:
         """(B, H, m, n) attention probabilities of the query ``rows`` over the layer's cache."""
-        q = self.session.adapter.query_rows(
-            layer, gather_rows(hidden, rows, 1), gather_rows(cos, rows, 1), gather_rows(sin, rows, 1)
-        )
+        if rows.shape[1] == 1 and self.phase == DECODE:  # the newest token: a slice, not a gather
+            picked = (hidden[:, -1:], cos[:, -1:], sin[:, -1:])
+        else:
+            picked = (gather_rows(hidden, rows, 1), gather_rows(cos, rows, 1), gather_rows(sin, rows, 1))
+        q = self.session.adapter.query_rows(layer, *picked)
         keys = self.cache.layers[layer].keys
+        if self.phase == DECODE and self.cache.layers[layer].all_live and self.tail_all_live:
+            return attention_probs(q, keys, self.session.adapter.scaling, None)  # every entry visible
         # Entry j is visible to query row r iff j <= r in the compact order (causality is kept by
         # order-preserving compaction) and j is live.
         offset = keys.shape[2] - hidden.shape[1]
