@@ -163,6 +163,9 @@ def test_configs_merge_identical_settings_and_hit_budgets():
     assert (configs[0].label, configs[0].budgets) == ("none", ["-"])  # none ignores budgets: one row
     fastv = [c for c in configs if c.name == "fastv"]
     assert [c.method.keep for c in fastv] == [16, 40]  # (32*6 - 2*64) / 4 and (48*6 - 128) / 4
+    st3 = parse_method_specs("st3")
+    assert [c.budgets for c in build_configs(st3, [0.5], 64, 6)] == [[0.5], ["default"]]
+    assert [c.budgets for c in build_configs(st3, [0.5], 64, 6, own_defaults=False)] == [[0.5]]
 
 
 # ---------------------------------------------------------------------- the command
@@ -188,11 +191,11 @@ def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):
     document = json.loads((out / "bench.json").read_text())
     assert set(SCHEMA["settings"]) <= set(document["settings"])
     rows = document["rows"]
-    # unpruned, fastv at 0.33 and 0.11 (merged: both clamp to keep=0 on 6 layers), st3 x2 + default
-    assert [r["label"] for r in rows] == ["unpruned", "fastv", "st3", "st3", "st3"]
+    # unpruned, fastv at 0.33 and 0.11 (merged: both clamp to keep=0 on 6 layers), st3 at both
+    assert [r["label"] for r in rows] == ["unpruned", "fastv", "st3", "st3"]
     for row in rows:
         assert set(SCHEMA["row"]) <= set(row), set(SCHEMA["row"]) - set(row)
-    assert rows[1]["settings"] == {"layer": 2, "keep": 0} and rows[4]["budgets"] == ["default"]
+    assert rows[1]["settings"] == {"layer": 2, "keep": 0} and rows[3]["budgets"] == [0.11]
     runs = document["raw"]["timing"]["runs"]
     assert len(runs) == len(rows) and all(len(r) == 2 for r in runs)  # --quick: two repeats
     assert all(len(run["timing"]["steps"]) == 4 for config in runs for run in config)

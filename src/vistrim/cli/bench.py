@@ -18,7 +18,7 @@ DEFAULTS = {
     "budgets": ("0.33,0.22,0.11", "0.33,0.11"),
     "repeats": (5, 2),
     "new_tokens": (64, 16),
-    "samples_labelled": (200, 48),
+    "samples_labelled": (200, 32),
     "samples_other": (16, 4),
 }
 
@@ -40,8 +40,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options from the full or quick defaults and check them."""
     pick = 1 if args.quick else 0
     labelled = args.model == "testbed"
-    # st3's and mustdrop's own defaults get a row unless budgets were chosen explicitly
-    args.own_defaults = args.budgets is None
+    # st3's and mustdrop's own defaults get a row in a full run unless budgets were chosen explicitly
+    args.own_defaults = args.budgets is None and not args.quick
     for key in ("budgets", "repeats", "new_tokens"):
         if getattr(args, key) is None:
             setattr(args, key, DEFAULTS[key][pick])
