@@ -227,24 +227,26 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> None:
 
 
 def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy (or, without labels, answers identical to unpruned) against prefill and end-to-end
+    speed-up, a line per method; the unpruned model is the black point at 1x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key, name = (
-        ("accuracy", "accuracy") if "accuracy" in rows[0] else ("identical", "answers identical to unpruned")
-    )
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.scatter([1.0], [rows[0][key]], color="black", zorder=3, label="unpruned")
-    for label, points in by_method(rows).items():
-        points = sorted(points, key=lambda r: r["speedup"]["prefill"]["median"])
-        xs = [p["speedup"]["prefill"]["median"] for p in points]
-        ax.plot(xs, [p[key] for p in points], marker="o", label=label)
-    ax.set_xlabel("prefill speed-up vs unpruned (median)")
-    ax.set_ylabel(name)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
+    labelled = "accuracy" in rows[0]
+    key, name = ("accuracy", "accuracy") if labelled else ("identical", "answers identical to unpruned")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, kind in zip(axes, ("prefill", "e2e")):
+        ax.scatter([1.0], [rows[0][key]], color="black", zorder=3, label="unpruned")
+        for label, points in by_method(rows).items():
+            points = sorted(points, key=lambda r: r["speedup"][kind]["median"])
+            xs = [p["speedup"][kind]["median"] for p in points]
+            ax.plot(xs, [p[key] for p in points], marker="o", label=label)
+        ax.set_xlabel(f"{'prefill' if kind == 'prefill' else 'end-to-end'} speed-up vs unpruned (median)")
+    axes[0].set_ylabel(name)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
