@@ -215,6 +215,7 @@ def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):
         (["--budgets", "1.5"], "bad budget '1.5'"),
         (["--budgets", "0"], "bad budget '0'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_bench_bad_input_is_one_line(capsys, argv, message):

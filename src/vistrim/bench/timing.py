@@ -12,6 +12,18 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..errors import VistrimError
+
+
+def set_threads(threads: int) -> None:
+    """torch intra-op threads for a measuring run. On a CPU shared with other jobs, threads waiting
+    for a busy core spin instead of working: on 2 cores with one other busy process, two threads
+    made a test-bed decode step ten times slower than one (64 ms against 6 ms), so the commands
+    default to one thread and every result file records the count."""
+    if threads < 1:
+        raise VistrimError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
 
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued kernels, so clocks measure work and not launches (no-op on CPU)."""

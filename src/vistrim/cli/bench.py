@@ -18,7 +18,7 @@ DEFAULTS = {
     "budgets": ("0.33,0.22,0.11", "0.33,0.11"),
     "repeats": (5, 2),
     "new_tokens": (64, 16),
-    "samples_labelled": (200, 32),
+    "samples_labelled": (300, 32),
     "samples_other": (16, 4),
 }
 
@@ -34,6 +34,16 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--samples", type=int, help="easy-vqa test items answered for accuracy/fidelity")
     bench.add_argument("--quick", action="store_true", help="fewer budgets, repeats, tokens and samples")
     bench.add_argument("--out", help="output folder (default results/bench-<model>-<timestamp>)")
+    add_threads_arg(bench)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: robust on a shared CPU, see bench/timing.py)",
+    )
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -66,8 +76,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..bench.specs import default_method_specs, parse_budgets, parse_method_specs
+    from ..bench.timing import set_threads
 
     args = resolve(args)
+    set_threads(args.threads)
     specs = parse_method_specs(args.methods or default_method_specs())
     budgets = parse_budgets(args.budgets)
     console = Console()

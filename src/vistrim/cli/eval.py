@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import VistrimError
+from .bench import add_threads_arg
 from .common import add_model_args
 
 
@@ -29,6 +30,7 @@ def add_eval_parser(commands) -> None:
     ev.add_argument("--images", nargs="+", help="--fidelity: image files and/or folders")
     ev.add_argument("--prompts", help="--fidelity: file with one prompt per line")
     ev.add_argument("--prompt", help="--fidelity: one prompt")
+    add_threads_arg(ev)
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -53,8 +55,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..bench.specs import default_method_specs, parse_budgets, parse_method_specs
+    from ..bench.timing import set_threads
 
     args = check_args(args)
+    set_threads(args.threads)
     specs = parse_method_specs(args.methods or default_method_specs(include_none=True, eager_mustdrop=False))
     budgets = parse_budgets(args.budgets or "0.33,0.22,0.11")
     batches = fidelity_batches(args) if args.fidelity else None  # bad paths fail before loading
