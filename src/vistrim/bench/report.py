@@ -197,13 +197,34 @@ def bench_table(rows: list[dict], title: str) -> Table:
 
 # ---------------------------------------------------------------------- plots
 def by_method(rows: list[dict]) -> dict[str, list[dict]]:
+    """Configuration rows grouped by method label, each group ordered by tokens reached."""
     lines: dict[str, list[dict]] = {}
     for r in rows[1:]:
         lines.setdefault(r["label"], []).append(r)
-    return lines
+    return {label: sorted(points, key=lambda r: r["layer_average_visual"]) for label, points in lines.items()}
+
+
+def draw(ax, rows: list[dict], x, y) -> None:
+    """A line per method through its budget rows (in order of tokens reached); a method's own
+    defaults are a star of the same colour, not on the line."""
+    for label, points in by_method(rows).items():
+        line = [p for p in points if "default" not in p["budgets"]]
+        (handle,) = ax.plot([x(p) for p in line], [y(p) for p in line], marker="o", label=label)
+        own = [p for p in points if "default" in p["budgets"]]
+        if own:
+            ax.scatter([x(p) for p in own], [y(p) for p in own], marker="*", s=120, color=handle.get_color())
+
+
+def finish(fig, axes, path: Path, title: str, ylabel: str) -> None:
+    axes[0].set_ylabel(ylabel)
+    axes[1].legend(fontsize=8, title="* = method's own defaults", title_fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot_speedup(rows: list[dict], path: Path, title: str) -> None:
+    """Prefill and end-to-end speed-up against the layer-averaged visual tokens reached."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,42 +232,27 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, key, name in zip(axes, ("prefill", "e2e"), ("prefill (time to first token)", "end to end")):
-        for label, points in by_method(rows).items():
-            points = sorted(points, key=lambda r: r["layer_average_visual"])
-            xs = [p["layer_average_visual"] for p in points]
-            ax.plot(xs, [p["speedup"][key]["median"] for p in points], marker="o", label=label)
+        draw(ax, rows, lambda r: r["layer_average_visual"], lambda r, key=key: r["speedup"][key]["median"])
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_title(f"{name} speed-up")
         ax.set_xlabel("layer-averaged visual tokens (prefill)")
-    axes[0].set_ylabel("speed-up vs unpruned (median)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish(fig, axes, path, title, "speed-up vs unpruned (median)")
     plt.close(fig)
 
 
 def plot_accuracy(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy (or, without labels, answers identical to unpruned) against prefill and end-to-end
-    speed-up, a line per method; the unpruned model is the black point at 1x."""
+    speed-up; the unpruned model is the black point at 1x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labelled = "accuracy" in rows[0]
-    key, name = ("accuracy", "accuracy") if labelled else ("identical", "answers identical to unpruned")
+    key = "accuracy" if "accuracy" in rows[0] else "identical"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, kind in zip(axes, ("prefill", "e2e")):
         ax.scatter([1.0], [rows[0][key]], color="black", zorder=3, label="unpruned")
-        for label, points in by_method(rows).items():
-            points = sorted(points, key=lambda r: r["speedup"][kind]["median"])
-            xs = [p["speedup"][kind]["median"] for p in points]
-            ax.plot(xs, [p[key] for p in points], marker="o", label=label)
+        draw(ax, rows, lambda r, kind=kind: r["speedup"][kind]["median"], lambda r: r[key])
         ax.set_xlabel(f"{'prefill' if kind == 'prefill' else 'end-to-end'} speed-up vs unpruned (median)")
-    axes[0].set_ylabel(name)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish(fig, axes, path, title, "accuracy" if key == "accuracy" else "answers identical to unpruned")
     plt.close(fig)

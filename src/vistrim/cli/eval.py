@@ -193,18 +193,22 @@ def eval_settings(model, args, configs, n_items: int, data: str) -> dict:
 
 
 def write_outputs(console, document: dict, args) -> None:
+    from rich.console import Console
+
     from ..evaluate.report import accuracy_table, fidelity_table, plot_vs_budget
+
+    wide = Console(width=max(120, console.width))
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(document, indent=1, default=str))
     s, rows = document["settings"], document["rows"]
     title = f"{s['model']} | {s['device']} {s['dtype']} {s['attention']} | {s['samples']} samples, greedy"
     if document["mode"] == "accuracy":
-        console.print(accuracy_table(rows, title))
+        wide.print(accuracy_table(rows, title))
         plot_vs_budget(rows, "accuracy", "accuracy", args.out / "accuracy_vs_budget.png", title)
         names = "eval.json, accuracy_vs_budget.png"
     else:
-        console.print(fidelity_table(rows, title))
+        wide.print(fidelity_table(rows, title))
         ylabel = "answers identical to unpruned"
         plot_vs_budget(rows, "identical", ylabel, args.out / "fidelity_vs_budget.png", title)
         names = "eval.json, fidelity_vs_budget.png"
