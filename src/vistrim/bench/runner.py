@@ -143,6 +143,17 @@ def quality_record(items, reference, answers, options: BenchOptions) -> dict:
     return record
 
 
+def config_meta(config: Config) -> dict:
+    """A configuration as plain data: its label, method, budgets and full settings."""
+    return {
+        "label": config.label,
+        "method": config.name,
+        "budgets": config.budgets,
+        "settings": config.method.settings(),
+        "describe": config.method.describe(),
+    }
+
+
 def cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):

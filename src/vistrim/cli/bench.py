@@ -96,61 +96,60 @@ def measure(model, processor, specs, budgets, args):
     """Everything that runs the model; returns the JSON document and the aggregated rows."""
     from ..bench.flops import FlopsShape
     from ..bench.report import aggregate, assemble
-    from ..bench.runner import (
-        BenchOptions,
-        environment,
-        quality_all,
-        time_all,
-        unpruned_prefill_bytes,
-        workload,
-    )
+    from ..bench.runner import config_meta, quality_all, time_all, unpruned_prefill_bytes
+    from ..runtime.adapters import adapter_for
+
+    geo = adapter_for(model).geometry
+    items, inputs, info, configs, options = plan(model, processor, specs, budgets, args)
+    load_start = os.getloadavg()
+    raw = {"workload": info, "configs": [config_meta(c) for c in configs]}
+    with ProgressBar(len(configs), len(items), options) as advance:
+        raw["unpruned_kv_prefill"] = unpruned_prefill_bytes(model, inputs)
+        raw["timing"] = time_all(model, inputs, configs, options, advance)
+        raw["quality"] = quality_all(model, processor, items, configs, options, advance)
+    rows = aggregate(raw, FlopsShape.from_geometry(geo), geo.num_layers)
+    settings = run_settings(model, args, budgets, configs, items, options)
+    settings["load_average"] = {"start": load_start, "end": os.getloadavg()}
+    return assemble(settings, rows, raw), rows
+
+
+def plan(model, processor, specs, budgets, args):
+    """Items (a fixed easy-vqa test subset), the timing inputs and the configuration grid."""
+    from ..bench.runner import BenchOptions, workload
     from ..bench.specs import build_configs
     from ..data.easyvqa import fixed_subset, load_split
     from ..runtime.adapters import adapter_for
 
-    geo = adapter_for(model).geometry
     items = fixed_subset(load_split("test"), max(args.samples, args.batch), seed=0)
     inputs, info = workload(model, processor, items, args.batch)
-    configs = build_configs(specs, budgets, info["visual_tokens"][0], geo.num_layers, args.own_defaults)
+    num_layers = adapter_for(model).geometry.num_layers
+    configs = build_configs(specs, budgets, info["visual_tokens"][0], num_layers, args.own_defaults)
     options = BenchOptions(
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         batch=args.batch,
         labelled=args.labelled,
+        # the test-bed answers one word; other models get room for a short phrase
         quality_tokens=2 if args.labelled else 8,
         quality_batch=50 if args.labelled else 8,
     )
-    load_start = os.getloadavg()
-    raw = {"workload": info, "configs": [config_meta(c) for c in configs]}
-    with progress_bar(len(configs), len(items), options) as advance:
-        raw["unpruned_kv_prefill"] = unpruned_prefill_bytes(model, inputs)
-        raw["timing"] = time_all(model, inputs, configs, options, advance)
-        raw["quality"] = quality_all(model, processor, items, configs, options, advance)
-    rows = aggregate(raw, FlopsShape.from_geometry(geo), geo.num_layers)
-    settings = {
+    return items, inputs, info, configs, options
+
+
+def run_settings(model, args, budgets, configs, items, options) -> dict:
+    from ..bench.runner import environment
+
+    return {
         "model": args.model,
         **environment(model, args.device, args.dtype),
         "budgets": budgets,
         "methods": [f"{c.label} @ {c.budget_label}" for c in configs],
         "samples": len(items),
         "options": vars(options),
-        "load_average_start": load_start,
-        "load_average_end": os.getloadavg(),
-    }
-    return assemble(settings, rows, raw), rows
-
-
-def config_meta(config) -> dict:
-    return {
-        "label": config.label,
-        "method": config.name,
-        "budgets": config.budgets,
-        "settings": config.method.settings(),
-        "describe": config.method.describe(),
     }
 
 
-class progress_bar:
+class ProgressBar:
     """One bar over the whole run: warm-up, timed runs, then answered items (weighted alike)."""
 
     def __init__(self, n_configs: int, n_items: int, options) -> None:

@@ -129,14 +129,11 @@ def run_grid(model, processor, batches, configs, max_new_tokens: int, n_items: i
 
 
 def meta(config) -> dict:
+    from ..bench.runner import config_meta
+
     if config is None:
         return {"label": "unpruned", "method": None, "budgets": [], "settings": {}}
-    return {
-        "label": config.label,
-        "method": config.name,
-        "budgets": config.budgets,
-        "settings": config.method.settings(),
-    }
+    return config_meta(config)
 
 
 def evaluate_accuracy(model, processor, specs, budgets, args) -> dict:
@@ -188,7 +185,7 @@ def eval_settings(model, args, configs, n_items: int, data: str) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "greedy": True,
         "budgets": args.budgets or "0.33,0.22,0.11",
-        "methods": [{**meta(c), "describe": c.method.describe()} for c in configs],
+        "methods": [meta(c) for c in configs],
     }
 
 
