@@ -172,7 +172,8 @@ def test_configs_merge_identical_settings_and_hit_budgets():
 SCHEMA = {
     "settings": [
         "model", "device", "dtype", "attention", "torch", "transformers", "vistrim", "cpu", "torch_threads",
-        "budgets", "methods", "samples", "options", "flops_included", "peak_memory_note", "geometry", "load_average",
+        "budgets", "methods", "samples", "options", "flops_included", "peak_memory_note", "geometry",
+        "load_average",
     ],
     "row": [
         "label", "method", "budgets", "settings", "layer_average_visual", "prefill_s", "per_token_s", "e2e_s",
