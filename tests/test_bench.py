@@ -202,6 +202,7 @@ def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):
     assert all(len(run["timing"]["steps"]) == 4 for config in runs for run in config)
     assert rows[1]["layer_average_visual"] == pytest.approx(64 * 2 / 6)
     assert rows[1]["flops_ratio"] < 1 and rows[1]["kv_ratio_prefill"] < 1
+    assert (out / "table.md").read_text().count("\n| ") == len(rows) + 1  # header + one line per row
     assert (out / "speedup_vs_budget.png").stat().st_size > 1000
     assert (out / "accuracy_vs_speedup.png").stat().st_size > 1000
 

@@ -172,11 +172,20 @@ LEGEND = (
 
 
 def bench_table(rows: list[dict], title: str) -> Table:
-    labelled = any("accuracy" in r for r in rows)
     table = Table(title=title, title_justify="left", caption=LEGEND, caption_justify="left")
-    columns = list(TIMING_COLUMNS) + (["acc.", "rel. acc."] if labelled else ["same ans.", "KL 1st"])
-    for column in columns:
+    header, body = table_cells(rows)
+    for column in header:
         table.add_column(column, justify="left" if column in ("method", "budget") else "right")
+    for cells in body:
+        table.add_row(*cells)
+    return table
+
+
+def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells shared by the terminal and the markdown table."""
+    labelled = any("accuracy" in r for r in rows)
+    header = list(TIMING_COLUMNS) + (["acc.", "rel. acc."] if labelled else ["same ans.", "KL 1st"])
+    body = []
     for r in rows:
         cells = [
             r["label"],
@@ -191,8 +200,15 @@ def bench_table(rows: list[dict], title: str) -> Table:
             cells += [fmt(r.get("accuracy"), "{:.1%}"), fmt(r.get("relative_accuracy"), "{:.1%}")]
         else:
             cells += [fmt(r["identical"], "{:.0%}"), fmt(r["kl_first_token"], "{:.3f}")]
-        table.add_row(*cells)
-    return table
+        body.append(cells)
+    return header, body
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header, body = table_cells(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------- plots

@@ -176,7 +176,7 @@ class ProgressBar:
 def write_outputs(console, document: dict, rows: list[dict], args) -> None:
     from rich.console import Console
 
-    from ..bench.report import bench_table, plot_accuracy, plot_speedup
+    from ..bench.report import LEGEND, bench_table, markdown_table, plot_accuracy, plot_speedup
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(document, indent=1, default=str))
@@ -187,7 +187,8 @@ def write_outputs(console, document: dict, rows: list[dict], args) -> None:
         f"median of {args.repeats} | {s['samples']} samples"
     )
     Console(width=max(150, console.width)).print(bench_table(rows, title))
+    (args.out / "table.md").write_text(f"{title}\n\n{markdown_table(rows)}\n{LEGEND}\n")
     console.print(f"FLOPs: {s['flops_included']}. Memory: {s['peak_memory_note']}")
     plot_speedup(rows, args.out / "speedup_vs_budget.png", title)
     plot_accuracy(rows, args.out / "accuracy_vs_speedup.png", title)
-    console.print(f"wrote {args.out}/bench.json, speedup_vs_budget.png, accuracy_vs_speedup.png")
+    console.print(f"wrote {args.out}/bench.json, table.md, speedup_vs_budget.png, accuracy_vs_speedup.png")
