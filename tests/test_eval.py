@@ -75,6 +75,15 @@ def test_first_token_kl_and_identical_share_by_hand():
     assert pair_up(["i1", "i2"], ["p1", "p2"], limit=3) == [("i1", "p1"), ("i1", "p2"), ("i2", "p1")]
 
 
+def test_instruction_goes_after_each_question(image_dir):
+    items = labelled_items(str(image_dir / "a.png"))
+    batches = harness.item_batches(items, 3, "Answer briefly.")
+    assert [len(questions) for _, questions in batches] == [3, 1]
+    assert batches[1][1] == ["is there a red shape ?\nAnswer briefly."]
+    assert harness.item_batches(items, 4)[0][1][0] == "what shape is in the image ?"
+    assert harness.default_instruction("testbed") == "" and harness.default_instruction("org/llava") != ""
+
+
 # ---------------------------------------------------------------------- a run with injected answers
 def test_eval_relative_accuracy_and_reached_budgets(capsys, tmp_path, image_dir, monkeypatch):
     items = labelled_items(str(image_dir / "a.png"))

@@ -25,6 +25,11 @@ def add_eval_parser(commands) -> None:
     ev.add_argument("--limit", type=int, help="items (or image x prompt pairs) to use (default 500, all)")
     ev.add_argument("--batch-size", type=int, default=50, help="prompts per generate (default 50)")
     ev.add_argument("--max-new-tokens", type=int, help="answer length (default 2 labelled, 16 fidelity)")
+    ev.add_argument(
+        "--instruction",
+        help="text on a line after each easy-vqa question (default: none for testbed/tiny, "
+        "LLaVA-1.5's 'Answer the question using a single word or phrase.' otherwise)",
+    )
     ev.add_argument("--out", help="output folder (default results/eval-<model>-<timestamp>)")
     ev.add_argument("--fidelity", action="store_true", help="compare with the unpruned model, no labels")
     ev.add_argument("--images", nargs="+", help="--fidelity: image files and/or folders")
@@ -138,10 +143,12 @@ def meta(config) -> dict:
 
 def evaluate_accuracy(model, processor, specs, budgets, args) -> dict:
     from ..data.easyvqa import fixed_subset, load_split
-    from ..evaluate.harness import config_summary, item_batches
+    from ..evaluate.harness import config_summary, default_instruction, item_batches
 
     items = fixed_subset(load_split("test"), args.limit or 500, seed=0)
-    batches = item_batches(items, args.batch_size)
+    if args.instruction is None:
+        args.instruction = default_instruction(args.model)
+    batches = item_batches(items, args.batch_size, args.instruction)
     configs = grid(model, processor, batches[0], specs, budgets, args)
     answers = run_grid(model, processor, batches, configs, args.max_new_tokens, len(items))
     reference = config_summary(items, answers[0].texts, answers[0].reached, 0.0)
@@ -183,6 +190,7 @@ def eval_settings(model, args, configs, n_items: int, data: str) -> dict:
         "samples": n_items,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "instruction": getattr(args, "instruction", None),
         "greedy": True,
         "budgets": args.budgets or "0.33,0.22,0.11",
         "methods": [meta(c) for c in configs],

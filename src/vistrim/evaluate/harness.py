@@ -94,10 +94,23 @@ def answer(
     return result
 
 
-def item_batches(items: Sequence[VQAItem], batch_size: int) -> list[tuple[list, list[str]]]:
-    """(images, questions) per batch of labelled items, in order."""
+# LLaVA-1.5's instruction for short-answer VQA; the test-bed was trained on bare questions.
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+BARE_QUESTION_MODELS = ("testbed", "tiny")
+
+
+def default_instruction(model_spec: str) -> str:
+    return "" if model_spec in BARE_QUESTION_MODELS else SHORT_ANSWER
+
+
+def item_batches(
+    items: Sequence[VQAItem], batch_size: int, instruction: str = ""
+) -> list[tuple[list, list[str]]]:
+    """(images, questions) per batch of labelled items, in order; ``instruction`` goes on a line
+    after each question."""
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    return [([load_image(it.image_path) for it in chunk], [it.question for it in chunk]) for chunk in chunks]
+    suffix = f"\n{instruction}" if instruction else ""
+    return [([load_image(it.image_path) for it in c], [it.question + suffix for it in c]) for c in chunks]
 
 
 # ---------------------------------------------------------------------- arithmetic (pure)
