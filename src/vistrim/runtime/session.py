@@ -205,7 +205,7 @@ class Session:
             position_ids = (st.live.long().cumsum(-1) - 1).clamp(min=0)
             return self.adapter.rotary(hidden, position_ids), position_ids
         cos, sin = kwargs["position_embeddings"]
-        cos, sin = (_take(t.expand(batch, *t.shape[1:]), st.src) for t in (cos, sin))
+        cos, sin = (gather_rows(t.expand(batch, *t.shape[1:]), st.src, 1) for t in (cos, sin))
         position_ids = kwargs.get("position_ids")
         if position_ids is not None and not self._flash:
             position_ids = position_ids.expand(batch, -1).gather(1, st.src)
@@ -276,6 +276,3 @@ class Session:
         src = ctx.state.src[..., None].expand_as(hidden)
         return (ctx.frozen.scatter(1, src, hidden),)
 
-
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, index[..., None].expand(*index.shape, x.shape[-1]))
