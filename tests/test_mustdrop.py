@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from conftest import PROMPTS, greedy, shape_images
 from reference import original_positions
 
@@ -64,6 +65,8 @@ def test_official_same_count_and_merged_first_order():
     assert plan.sum(-1).tolist() == [4, 4]
     strict = merge_plan(torch.tensor([[0.9, 0.95, 0.1], [0.99, 0.1, 0.1]]), 0.8, same_count=True)
     assert strict.tolist() == [[False, True, False], [True, False, False]]  # min count 1, most similar
+    capped = merge_plan(torch.tensor([[0.9, 0.95, 0.85, 0.1]]), 0.8, limit=2)
+    assert capped.tolist() == [[True, True, False, False]]  # the two most similar eligible windows
     plan = merge_plan(similarity, 0.99)
     tokens, valid, source = merge_windows(batch[:1], windows, plan[:1], similarity[:1], merged_first=True)
     assert source[0, 0].item() == 0 and source[0, 1:].tolist() == [
@@ -193,11 +196,25 @@ def test_exact_budget_mode(tiny, shapes, budget, rows):
     assert (session.stats.layer_average() - target).abs().max() <= 1.0
 
 
+def test_budget_mode_never_merges_below_the_budget(tiny):
+    """Flat images merge every window (64 -> 32 tokens); a budget of 48 must still be met."""
+    model, processor = tiny
+    flat = processor(images=[Image.new("RGB", (40, 40), (90, 90, 90))], text=PROMPTS[:1], return_tensors="pt")
+    with vistrim.trim(model, "mustdrop", merge_threshold=0.5, budget=48) as session, torch.no_grad():
+        model(**flat)
+    assert session.stats.extra["mustdrop_merged_windows"] == [2]  # (64 - 48) // 8
+    assert abs(session.stats.layer_average_mean() - 48) <= 1.0
+
+
 def test_key_tokens_are_never_dropped(tiny, shapes):
     model, _ = tiny
     settings = {
-        "merge_threshold": 0.9, "alpha": 10.0, "beta": 10.0, "key_ratio": 0.25,
-        "decode_evict": True, "decode_beta": 1.0,  # no attention passes: only the key set may stay
+        "merge_threshold": 0.9,
+        "alpha": 10.0,
+        "beta": 10.0,
+        "key_ratio": 0.25,
+        "decode_evict": True,
+        "decode_beta": 1.0,  # no attention passes: only the key set may stay
     }
     with vistrim.trim(model, "mustdrop", **settings) as session:
         greedy(model, shapes, n=4)

@@ -170,11 +170,17 @@ class MustDrop(Method):
 
     def _reducer(self, grid: int):
         windows = grid_windows(grid, grid, self.window)
+        # In budget mode an image merges at most as many windows as still leave the budget's
+        # tokens (a merge removes window^2 - 1); the language-model stages drop the rest.
+        limit = None
+        if self.budget is not None:
+            patches = grid * grid
+            limit = int((patches - resolve_budget(self.budget, patches)) // (self.window**2 - 1))
 
         def reduce(hidden: torch.Tensor):
             cls, patches = hidden[:, :1], hidden[:, 1:]
             similarity = window_similarity(patches, windows)
-            plan = merge_plan(similarity, self.merge_threshold, same_count=self.official)
+            plan = merge_plan(similarity, self.merge_threshold, same_count=self.official, limit=limit)
             tokens, valid, _ = merge_windows(patches, windows, plan, similarity, merged_first=self.official)
             head = torch.ones_like(valid[:, :1])
             return torch.cat([cls, tokens], 1), torch.cat([head, valid], 1), plan.sum(-1)

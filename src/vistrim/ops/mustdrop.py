@@ -30,18 +30,30 @@ def window_similarity(patches: torch.Tensor, windows: torch.Tensor) -> torch.Ten
     return off_diagonal / (k * (k - 1))
 
 
-def merge_plan(similarity: torch.Tensor, threshold: float, same_count: bool = False) -> torch.Tensor:
+def merge_plan(
+    similarity: torch.Tensor, threshold: float, same_count: bool = False, limit: int | None = None
+) -> torch.Tensor:
     """Which windows merge: those with similarity >= threshold. (B, W) bool.
 
     ``same_count`` (the released code): every sample merges only its most similar windows, as many
-    as the sample with the fewest eligible windows has.
+    as the sample with the fewest eligible windows has. ``limit``: at most that many per sample,
+    the most similar first.
     """
     eligible = similarity >= threshold
-    if not same_count:
+    if not same_count and (limit is None or limit >= similarity.shape[-1]):
         return eligible
-    count = int(eligible.sum(-1).min())
-    order = torch.argsort(similarity, dim=-1, descending=True, stable=True)
-    return torch.zeros_like(eligible).scatter_(-1, order[:, :count], True) & eligible
+    counts = eligible.sum(-1)
+    if same_count:
+        counts = counts.min().expand_as(counts)
+    if limit is not None:
+        counts = counts.clamp(max=limit)
+    order = torch.argsort(
+        similarity.masked_fill(~eligible, float("-inf")), dim=-1, descending=True, stable=True
+    )
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    return (ranks < counts[:, None]) & eligible
 
 
 def merge_windows(
