@@ -92,6 +92,18 @@ def test_budget_mode_predicts_the_runtime_and_meets_the_target(tiny, batch, name
         assert abs(session.stats.layer_average_mean() - target) <= 1.0
 
 
+@pytest.mark.parametrize("name", ["fastv", "random", "pdrop", "st3"])
+def test_low_budgets_move_the_first_cut_earlier(name):
+    """On a shallow model a low budget is out of reach at the default first cut; the budget mode
+    cuts earlier instead of stopping short (and keeps the default cut when it can)."""
+    method = vistrim.at_budget(name, 24, n_visual=144, num_layers=8)  # default first cut: >= 36
+    assert abs(sum(method.predict_prefill(144, 8)) / 8 - 24) <= 1.0
+    default = vistrim.build(name)
+    generous = vistrim.at_budget(name, 100, n_visual=144, num_layers=8)
+    assert generous.settings().get("layer") == default.settings().get("layer")
+    assert generous.settings().get("start_layer") == default.settings().get("start_layer")
+
+
 def test_budget_out_of_range():
     with pytest.raises(vistrim.VistrimError, match="budget"):
         vistrim.at_budget("fastv", 1.5, n_visual=64, num_layers=6)

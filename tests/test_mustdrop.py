@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 from conftest import PROMPTS, greedy, shape_images
+from PIL import Image
 from reference import original_positions
 
 import vistrim

@@ -118,10 +118,13 @@ def one_cut_counts(layer: int, keep: Budget, n_visual: int, num_layers: int) -> 
     return [n_visual] * layer + [kept] * (num_layers - layer)
 
 
-def one_cut_keep(layer: int, target: float, n_visual: int, num_layers: int) -> int:
-    """The kept count after a single cut before ``layer`` that best meets a layer average."""
+def one_cut_at_budget(layer: int, target: float, n_visual: int, num_layers: int) -> tuple[int, int]:
+    """(layer, kept count) of a single cut before ``layer`` that best meets a layer average. The cut
+    moves earlier only when even keeping nothing after it would exceed the budget."""
+    while layer > 1 and layer * n_visual > target * num_layers:
+        layer -= 1
     count = round((target * num_layers - layer * n_visual) / (num_layers - layer))
-    return min(max(count, 0), n_visual)
+    return layer, min(max(count, 0), n_visual)
 
 
 def layer_average(counts: list[int]) -> float:

@@ -55,7 +55,14 @@ class PyramidDrop(Method):
         return counts
 
     def at_budget(self, target: float, n_visual: int, num_layers: int) -> PyramidDrop:
-        def average(ratio: float) -> float:
-            return layer_average(dataclasses.replace(self, ratio=ratio).predict_prefill(n_visual, num_layers))
+        """Solves lambda; adds stages (an earlier first cut) only when the budget needs it."""
+        method = self
 
-        return dataclasses.replace(self, ratio=solve_increasing(average, target, 0.0, 1.0))
+        def average(ratio: float) -> float:
+            return layer_average(
+                dataclasses.replace(method, ratio=ratio).predict_prefill(n_visual, num_layers)
+            )
+
+        while method.stages < num_layers and average(0.0) > target:
+            method = dataclasses.replace(method, stages=method.stages + 1)
+        return dataclasses.replace(method, ratio=solve_increasing(average, target, 0.0, 1.0))

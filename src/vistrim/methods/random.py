@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.select import budget_counts
-from .base import Budget, Method, check_budget, check_layer, one_cut_counts, one_cut_keep, register
+from .base import Budget, Method, check_budget, check_layer, one_cut_at_budget, one_cut_counts, register
 
 
 @register
@@ -48,4 +48,5 @@ class RandomDrop(Method):
         return one_cut_counts(self.layer, self.keep, n_visual, num_layers)
 
     def at_budget(self, target: float, n_visual: int, num_layers: int) -> RandomDrop:
-        return dataclasses.replace(self, keep=one_cut_keep(self.layer, target, n_visual, num_layers))
+        layer, keep = one_cut_at_budget(self.layer, target, n_visual, num_layers)
+        return dataclasses.replace(self, layer=layer, keep=keep)

@@ -129,21 +129,23 @@ class ST3(Method):
         return [ratio_count(r, n_visual) for r in self.ratios(num_layers)]
 
     def at_budget(self, target: float, n_visual: int, num_layers: int) -> ST3:
-        """Keeps K and the schedule's shape: E moves down (with rho_min = 0) only as far as a low
-        budget needs, then rho_min is solved for the exact average."""
+        """Keeps the schedule's shape: E moves down (with rho_min = 0) only as far as a low budget
+        needs, and K too if even E = K is not enough; then rho_min is solved for the exact average."""
         if self.schedule == "step" or not self.pvtp:
             raise VistrimError("st3 budget mode needs pvtp=true and schedule=linear or cosine")
 
-        def average(end: int, min_ratio: float) -> float:
-            method = dataclasses.replace(self, end_layer=end, min_ratio=min_ratio)
+        def average(start: int, end: int, min_ratio: float) -> float:
+            method = dataclasses.replace(self, start_layer=start, end_layer=end, min_ratio=min_ratio)
             return layer_average(method.predict_prefill(n_visual, num_layers))
 
-        end = self.end_layer
-        if average(end, 0.0) > target:
-            fitting = [e for e in range(self.start_layer, end + 1) if average(e, 0.0) <= target]
-            end = max(fitting) if fitting else self.start_layer
-        min_ratio = solve_increasing(lambda m: average(end, m), target, 0.0, 1.0)
-        return dataclasses.replace(self, end_layer=end, min_ratio=min_ratio)
+        start, end = self.start_layer, self.end_layer
+        while start > 0 and average(start, start, 0.0) > target:
+            start -= 1
+        if average(start, end, 0.0) > target:
+            fitting = [e for e in range(start, end + 1) if average(start, e, 0.0) <= target]
+            end = max(fitting) if fitting else start
+        min_ratio = solve_increasing(lambda m: average(start, end, m), target, 0.0, 1.0)
+        return dataclasses.replace(self, start_layer=start, end_layer=end, min_ratio=min_ratio)
 
     def decode_target(self, n0: torch.Tensor, step: int) -> torch.Tensor:
         """(B,) N_l(t) for a layer that held ``n0`` (B,) visual entries after prefill."""
