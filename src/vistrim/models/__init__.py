@@ -38,7 +38,10 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", attn: 
     if spec == "testbed":
         from .testbed import load_testbed
 
-        return load_testbed(device=device, dtype=torch_dtype, attn_implementation=attn)
+        try:
+            return load_testbed(device=device, dtype=torch_dtype, attn_implementation=attn)
+        except OSError as error:  # the shipped folder is missing or incomplete (a broken install)
+            raise VistrimError(f"cannot load the shipped test-bed model: {_first_line(error)}") from None
     if spec == "llava-geometry":
         from .geometry import load_llava_geometry
 
