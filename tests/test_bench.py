@@ -192,15 +192,17 @@ def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):
     document = json.loads((out / "bench.json").read_text())
     assert set(SCHEMA["settings"]) <= set(document["settings"])
     rows = document["rows"]
-    # unpruned, fastv at 0.33 and 0.11 (merged: both clamp to keep=0 on 6 layers), st3 at both
-    assert [r["label"] for r in rows] == ["unpruned", "fastv", "st3", "st3"]
+    # unpruned, then fastv and st3 at 0.33 and 0.11 (on 6 layers budget mode moves the cut to layer 1)
+    assert [r["label"] for r in rows] == ["unpruned", "fastv", "fastv", "st3", "st3"]
     for row in rows:
         assert set(SCHEMA["row"]) <= set(row), set(SCHEMA["row"]) - set(row)
-    assert rows[1]["settings"] == {"layer": 2, "keep": 0} and rows[3]["budgets"] == [0.11]
+    assert rows[1]["settings"] == {"layer": 1, "keep": 13} and rows[4]["budgets"] == [0.11]
+    assert rows[2]["settings"] == {"layer": 1, "keep": 0}
     runs = document["raw"]["timing"]["runs"]
     assert len(runs) == len(rows) and all(len(r) == 2 for r in runs)  # --quick: two repeats
     assert all(len(run["timing"]["steps"]) == 4 for config in runs for run in config)
-    assert rows[1]["layer_average_visual"] == pytest.approx(64 * 2 / 6)
+    assert rows[1]["layer_average_visual"] == pytest.approx((64 + 13 * 5) / 6)
+    assert rows[2]["layer_average_visual"] == pytest.approx(64 / 6)
     assert rows[1]["flops_ratio"] < 1 and rows[1]["kv_ratio_prefill"] < 1
     assert (out / "table.md").read_text().count("\n| ") == len(rows) + 1  # header + one line per row
     assert (out / "speedup_vs_budget.png").stat().st_size > 1000
