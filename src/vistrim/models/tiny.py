@@ -53,6 +53,30 @@ def build_processor(image_size: int, patch_size: int, words=_WORDS) -> LlavaProc
     )
 
 
+def llava_from_configs(
+    processor: LlavaProcessor, vision: CLIPVisionConfig, seed: int, attn_implementation: str, **text
+) -> LlavaForConditionalGeneration:
+    """A stock LLaVA (CLIP tower, Llama LM with ``text`` settings, LLaVA-1.5 feature selection) whose
+    vocabulary and special tokens are the processor's; weights deterministic for ``seed``."""
+    tokenizer = processor.tokenizer
+    special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(vocab_size=len(tokenizer), **special, **text),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    for key, value in special.items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
 def build_tiny(
     seed: int = 0,
     *,
@@ -70,7 +94,6 @@ def build_tiny(
     peaked rather than uniform, which makes token rankings stable under float reordering.
     """
     processor = build_processor(image_size, patch_size)
-    tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -80,32 +103,17 @@ def build_tiny(
         patch_size=patch_size,
         projection_dim=32,
     )
-    text = LlamaConfig(
+    model = llava_from_configs(
+        processor,
+        vision,
+        seed,
+        attn_implementation,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=len(tokenizer),
         max_position_embeddings=1024,
         initializer_range=init_range,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    config._attn_implementation = attn_implementation
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model.eval(), processor

@@ -275,4 +275,3 @@ class Session:
         hidden = args[0]
         src = ctx.state.src[..., None].expand_as(hidden)
         return (ctx.frozen.scatter(1, src, hidden),)
-
