@@ -92,3 +92,15 @@ def no_hooks(model) -> bool:
         for hooks in (m._forward_hooks, m._forward_pre_hooks)
         for hook in hooks.values()
     )
+
+
+def run_cli(capsys, *argv):
+    """Run the CLI in-process: (exit code, stdout, stderr); argparse usage errors exit via SystemExit."""
+    from vistrim.cli.main import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, encode
+from conftest import PROMPTS, encode, run_cli
 
 from vistrim import trim
 from vistrim.bench.flops import (
@@ -21,7 +21,6 @@ from vistrim.bench.report import aggregate
 from vistrim.bench.runner import cache_bytes, unpruned_prefill_bytes
 from vistrim.bench.specs import build_configs, parse_budgets, parse_method_specs
 from vistrim.bench.timing import spread, timing_from_stamps
-from vistrim.cli.main import main
 
 # d=4, d_kv=2, m=8; tower: d=2, m=4, 2 layers, 4x4 image with 2x2 patches -> 4 patches + CLS.
 SHAPE = FlopsShape(
@@ -34,15 +33,6 @@ SHAPE = FlopsShape(
     image_size=4,
     patch_size=2,
 )
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------------- FLOPs by hand

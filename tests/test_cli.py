@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from vistrim.cli.main import main
 from vistrim.models.tiny import build_tiny
 
 
@@ -28,15 +28,6 @@ def picture(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "shape.png"
     Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype("uint8")).save(path)
     return path
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit:  # argparse usage errors
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_list_shows_methods_and_defaults(capsys):

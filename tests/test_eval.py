@@ -9,24 +9,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import no_hooks
+from conftest import no_hooks, run_cli
 from PIL import Image
 
 import vistrim.data.easyvqa as easyvqa
 import vistrim.evaluate.harness as harness
-from vistrim.cli.main import main
 from vistrim.data.easyvqa import VQAItem
 from vistrim.evaluate.fidelity import first_token_kl, identical_share, pair_up
 from vistrim.evaluate.harness import config_summary
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,7 @@ def llava_from_configs(
         vision_config=vision,
         text_config=LlamaConfig(vocab_size=len(tokenizer), **special, **text),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
