@@ -47,6 +47,7 @@ from PIL import Image
 from rich.progress import Progress
 from torch import nn
 
+from vistrim.compat import cache_kwargs, output_cache
 from vistrim.data.easyvqa import COLORS, SHAPES, VQAItem, batched_accuracy, build_prompt, load_split, words_of
 from vistrim.models.testbed import TINY_SIZE, TestbedSize, build_testbed
 from vistrim.models.tokenizer import IMAGE_TOKEN
@@ -370,10 +371,12 @@ def answer_loss(
     """Weighted loss on answer tokens, the match-probe loss and per-question correctness; the image
     prefix runs once per image and its key/value cache is shared by that image's questions."""
     prefix_ids = torch.tensor(prefix).expand(len(pixels), -1)
-    cache = model(input_ids=prefix_ids, pixel_values=pixels, use_cache=True, logits_to_keep=1).past_key_values
+    cache = output_cache(model(input_ids=prefix_ids, pixel_values=pixels, use_cache=True, logits_to_keep=1))
     cache.batch_select_indices(owner)  # one copy of the image's keys/values per question (differentiable)
     # Right padding is harmless: pads come after the answer, and attention is causal.
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=probe is not None)
+    out = model(
+        input_ids=ids, **cache_kwargs(model, cache), use_cache=True, output_hidden_states=probe is not None
+    )
     # The last prefix position predicts the first suffix token, which is never an answer: skip it.
     logits, targets = out.logits[:, :-1], labels[:, 1:]
     token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")

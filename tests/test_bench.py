@@ -21,6 +21,7 @@ from vistrim.bench.report import aggregate
 from vistrim.bench.runner import cache_bytes, unpruned_prefill_bytes
 from vistrim.bench.specs import build_configs, parse_budgets, parse_method_specs
 from vistrim.bench.timing import spread, timing_from_stamps
+from vistrim.compat import output_cache
 
 # d=4, d_kv=2, m=8; tower: d=2, m=4, 2 layers, 4x4 image with 2x2 patches -> 4 patches + CLS.
 SHAPE = FlopsShape(
@@ -126,8 +127,8 @@ def test_kv_bytes_equal_the_cache_tensors(tiny):
         )
     assert (
         sum(session.stats.kv_bytes_final)
-        == sum(cache_bytes(out.past_key_values))
-        == tensor_bytes(out.past_key_values)
+        == sum(cache_bytes(output_cache(out)))
+        == tensor_bytes(output_cache(out))
     )
     assert sum(session.stats.kv_bytes_prefill) < sum(session.stats.kv_bytes_unpruned_prefill)
     # plain model after prefill: keys and values, every layer, every (padded) position, fp32

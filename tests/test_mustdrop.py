@@ -9,6 +9,7 @@ from PIL import Image
 from reference import original_positions
 
 import vistrim
+from vistrim.compat import cache_kwargs, output_cache
 from vistrim.ops.mustdrop import (
     dual_keep,
     dual_margin,
@@ -161,7 +162,7 @@ def test_vision_stage_equals_shortened_prompt_reference(tiny, shapes):
         for _ in range(5):
             token = step.logits[:, -1].argmax(-1)
             reference.append(int(token))
-            step = model(input_ids=token[:, None], past_key_values=step.past_key_values, use_cache=True)
+            step = model(input_ids=token[:, None], **cache_kwargs(model, output_cache(step)), use_cache=True)
     assert tokens[0].tolist() == reference
     del cache
 

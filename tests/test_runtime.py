@@ -11,6 +11,7 @@ from conftest import PROMPTS, encode, greedy, images, no_hooks
 from reference import masked_drop_forward, masked_eviction_logits, original_positions
 
 import vistrim
+from vistrim.compat import cache_kwargs, output_cache
 from vistrim.methods.base import Method
 
 # Every registered method, with settings that keep every token.
@@ -339,9 +340,9 @@ def test_manual_decoding_without_position_ids_continues_original_positions(tiny)
             **single, max_new_tokens=2, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
         first = model(**single, use_cache=True)
-        assert first.past_key_values.get_seq_length() < single["input_ids"].shape[1]
+        assert output_cache(first).get_seq_length() < single["input_ids"].shape[1]
         token = first.logits[:, -1:].argmax(-1)
-        second = model(input_ids=token, past_key_values=first.past_key_values)
+        second = model(input_ids=token, **cache_kwargs(model, output_cache(first)))
     torch.testing.assert_close(second.logits[:, -1], reference.logits[1], atol=1e-5, rtol=0)
 
 
@@ -399,7 +400,7 @@ def test_use_cache_false_forward_returns_no_cache(tiny, batch):
     with vistrim.trim(model, "fastv", keep=0.25), torch.no_grad():
         out = model(**batch, use_cache=False)
         cached = model(**batch)
-    assert out.past_key_values is None
+    assert output_cache(out) is None
     torch.testing.assert_close(out.logits, cached.logits, atol=0, rtol=0)
 
 
@@ -416,7 +417,7 @@ def test_kv_bytes_equal_cache_tensor_sizes(tiny, batch):
     model, _ = tiny
     with vistrim.trim(model, "fastv", keep=0.25) as session, torch.no_grad():
         out = model(**batch)
-    cache = out.past_key_values
+    cache = output_cache(out)
     sizes = [layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in cache.layers]
     assert session.stats.kv_bytes_prefill == sizes
     full = batch["input_ids"].shape[1]

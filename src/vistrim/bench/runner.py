@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..api import trim
+from ..compat import output_cache
 from ..data.easyvqa import VQAItem
 from ..evaluate.fidelity import fidelity_summary
 from ..evaluate.harness import accuracy_summary, answer, encode, item_batches, mean, score, visual_counts
@@ -60,7 +61,7 @@ def workload(model, processor, items: Sequence[VQAItem], batch: int) -> tuple[di
 @torch.inference_mode()
 def unpruned_prefill_bytes(model, inputs) -> list[int]:
     """KV bytes the plain model holds after prefill (one forward, the cache read directly)."""
-    return cache_bytes(model(**inputs, use_cache=True).past_key_values)
+    return cache_bytes(output_cache(model(**inputs, use_cache=True)))
 
 
 def timed_run(model, inputs, method, new_tokens: int) -> dict:
@@ -68,7 +69,7 @@ def timed_run(model, inputs, method, new_tokens: int) -> dict:
     scope = trim(model, method) if method is not None else contextlib.nullcontext()
     with scope as session:
         timing, output = timed_generate(model, inputs, new_tokens, return_dict_in_generate=True)
-    record = {"timing": timing.as_dict(), "kv_bytes_final_read": cache_bytes(output.past_key_values)}
+    record = {"timing": timing.as_dict(), "kv_bytes_final_read": cache_bytes(output_cache(output))}
     if session is not None:
         record["stats"] = session.stats
     return record

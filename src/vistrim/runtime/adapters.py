@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from ..compat import CacheArgument
 from ..errors import VistrimError
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -40,10 +41,7 @@ class Geometry:
 
 class LlavaAdapter:
     """``LlavaForConditionalGeneration`` / ``LlavaModel`` with a Llama-style decoder (Llama, Vicuna,
-    Mistral without sliding window, Qwen2). Tested with transformers 5.23."""
-
-    family = "llava"
-    tested_transformers = ("5.23",)
+    Mistral without sliding window, Qwen2). Tested with the releases in ``compat.TESTED``."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -55,6 +53,7 @@ class LlavaAdapter:
         self.vision_tower = self.core.vision_tower
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
         self.vision_layers = tower.encoder.layers
+        self.cache_arg = CacheArgument.of(self.core.forward)
         self._check()
         attn = self.layers[0].self_attn
         self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb

@@ -27,6 +27,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from ..compat import build_mask, check_transformers, clear_output_cache
 from ..errors import VistrimError
 from ..ops.compact import gather_rows
 from .adapters import adapter_for
@@ -39,6 +40,7 @@ class Session:
     def __init__(self, model: torch.nn.Module, method) -> None:
         self.model = model
         self.method = method
+        check_transformers()
         self.adapter = adapter_for(model)
         method.bind(self.adapter.geometry)
         self.stats: RunStats | None = None
@@ -84,7 +86,7 @@ class Session:
     def _core_pre(self, module, args, kwargs):
         self._ctx = None
         kwargs = {**dict(zip(self._core_params, args)), **kwargs}
-        cache = kwargs.get("past_key_values")
+        cache = self.adapter.cache_arg.take(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             if cache.layers and isinstance(cache.layers[0], TrackedLayer):
                 self._start_decode(cache, kwargs)
@@ -104,13 +106,13 @@ class Session:
 
     def _start_prefill(self, input_ids: torch.Tensor, visual: torch.Tensor, kwargs: dict) -> None:
         adapter = self.adapter
-        cache = kwargs.get("past_key_values")
+        cache = adapter.cache_arg.take(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = adapter.text_config.use_cache
         if cache is None:
             cache = DynamicCache(config=adapter.text_config)
-            kwargs["past_key_values"] = cache
+            adapter.cache_arg.put(kwargs, cache)
         adapter.check_cache(cache)
         cache.layers = [TrackedLayer() for _ in adapter.layers]
         attention_mask = kwargs.get("attention_mask")
@@ -160,7 +162,7 @@ class Session:
             self.stats.add_hook_time(PREFILL, time.perf_counter() - started)
         self.stats.record_cache(ctx.cache, after_prefill=ctx.phase == PREFILL)
         if ctx.strip_cache:
-            output.past_key_values = None
+            clear_output_cache(output)
         return output
 
     # ------------------------------------------------------------------ layer hooks
@@ -243,11 +245,12 @@ class Session:
         return ctx._masks[key][1]
 
     def _build_mask(self, ctx: Context, pad2d, hidden, index: int):
-        return create_causal_mask(
+        return build_mask(
+            create_causal_mask,
             config=self.adapter.text_config,
             inputs_embeds=hidden,
             attention_mask=pad2d,
-            past_key_values=ctx.cache,
+            cache=ctx.cache,
             layer_idx=index,
         )
 
