@@ -104,3 +104,13 @@ def run_cli(capsys, *argv):
         code = exit.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def pytest_sessionstart(session):
+    """The releases under test, in every log (CI runs the suite on more than one transformers)."""
+    import importlib.metadata
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        versions = {name: importlib.metadata.version(name) for name in ("transformers", "torch")}
+        reporter.write_line("testing with " + ", ".join(f"{k} {v}" for k, v in versions.items()))

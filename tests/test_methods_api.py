@@ -9,7 +9,7 @@ from vistrim.methods.base import scale_layer
 
 
 def test_registry_lists_methods_with_summaries():
-    names = vistrim.methods()
+    names = vistrim.list_methods()
     assert {"none", "random", "fastv", "pdrop"} <= set(names)
     for cls in names.values():
         assert cls.summary and cls.__doc__
@@ -107,3 +107,27 @@ def test_low_budgets_move_the_first_cut_earlier(name):
 def test_budget_out_of_range():
     with pytest.raises(vistrim.VistrimError, match="budget"):
         vistrim.at_budget("fastv", 1.5, n_visual=64, num_layers=6)
+
+
+def test_methods_subpackage_is_importable_next_to_the_registry_function():
+    import importlib
+
+    module = importlib.import_module("vistrim.methods")
+    assert vistrim.methods is module and hasattr(module, "REGISTRY")
+    assert vistrim.list_methods() == dict(module.REGISTRY)
+
+
+def test_trim_exit_removes_its_own_session_only(tiny):
+    from conftest import no_hooks
+
+    model, _ = tiny
+    with vistrim.trim(model, "fastv") as first:
+        vistrim.remove(model)  # the user removes it inside the block ...
+        second = vistrim.apply(model, "random")  # ... and applies another one
+    # leaving the first block must not remove the second session
+    assert not no_hooks(model) and second._handles and not first._handles
+    vistrim.remove(model)
+    assert no_hooks(model)
+    with pytest.raises(RuntimeError), vistrim.trim(model, "fastv"):  # hooks gone after an exception
+        raise RuntimeError("boom")
+    assert no_hooks(model)

@@ -342,10 +342,14 @@ def test_settings_are_validated(settings, message):
 
 
 def test_presets_and_model_checks(tiny):
-    assert (vistrim.build("mustdrop", preset="64").alpha, vistrim.build("mustdrop", preset="64").beta) == (
-        0.011,
-        0.01,
-    )
+    assert vistrim.build("mustdrop", preset="64").thresholds == (0.011, 0.01)
+    assert vistrim.build("mustdrop").thresholds == (0.001, 0.001)
+    # an explicit setting wins over the preset's; the recorded settings say what ran
+    explicit = vistrim.build("mustdrop", preset="64", alpha=0.5)
+    assert explicit.thresholds == (0.5, 0.01)
+    assert (explicit.settings()["alpha"], explicit.settings()["beta"]) == (0.5, 0.01)
+    assert vistrim.build("mustdrop", **explicit.settings()).thresholds == (0.5, 0.01)
+    assert vistrim.build("mustdrop", preset="128", beta="0.2").thresholds == (0.0012, 0.2)
     with pytest.raises(vistrim.VistrimError, match="mustdrop.window"):
         vistrim.apply(tiny[0], "mustdrop", window=9)  # the tiny tower's grid is 8 x 8
     with pytest.raises(vistrim.VistrimError, match="mustdrop.key_layer"):

@@ -35,7 +35,7 @@ PRUNING = {
 
 
 def test_every_method_has_test_settings():
-    assert set(vistrim.methods()) <= set(KEEP_ALL) & set(PRUNING)
+    assert set(vistrim.list_methods()) <= set(KEEP_ALL) & set(PRUNING)
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_ALL))

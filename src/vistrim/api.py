@@ -1,4 +1,7 @@
-"""Public entry points: ``trim`` (context manager), ``apply``/``remove``, ``methods``, ``build``."""
+"""Public entry points: ``trim`` (context manager), ``apply``/``remove``, ``list_methods``, ``build``.
+
+(The registry function is ``list_methods``, not ``methods``: ``vistrim.methods`` is the subpackage.)
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from .runtime.session import Session
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def methods() -> dict[str, type[Method]]:
+def list_methods() -> dict[str, type[Method]]:
     """Registered method names and their classes."""
     return dict(REGISTRY)
 
@@ -50,6 +53,14 @@ def remove(model: torch.nn.Module) -> None:
         session.remove()
 
 
+def _remove_session(model: torch.nn.Module, session: Session) -> None:
+    """Remove ``session``'s hooks, and forget it as the model's active session only if it still is
+    (inside the block a user may have removed it and applied another one)."""
+    if _ACTIVE.get(model) is session:
+        del _ACTIVE[model]
+    session.remove()
+
+
 @contextmanager
 def trim(model: torch.nn.Module, method: str | Method = "none", **settings) -> Iterator[Session]:
     """Trim visual tokens of ``model`` inside the block; hooks are removed on exit, also on error.
@@ -62,4 +73,4 @@ def trim(model: torch.nn.Module, method: str | Method = "none", **settings) -> I
     try:
         yield session
     finally:
-        remove(model)
+        _remove_session(model, session)

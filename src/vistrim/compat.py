@@ -18,11 +18,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import importlib.metadata
 import inspect
 import warnings
 from collections.abc import Callable
 
-import transformers
 from packaging.version import Version
 
 from .errors import VistrimError
@@ -37,7 +37,8 @@ class VistrimWarning(UserWarning):
 
 
 def installed() -> Version:
-    return Version(transformers.__version__)
+    """The transformers release installed (from its package metadata)."""
+    return Version(importlib.metadata.version("transformers"))
 
 
 def tested_range() -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..api import trim
-from ..compat import output_cache
+from ..compat import TESTED, output_cache
 from ..data.easyvqa import VQAItem
 from ..evaluate.fidelity import fidelity_summary
 from ..evaluate.harness import accuracy_summary, answer, encode, item_batches, mean, score, visual_counts
@@ -183,6 +183,7 @@ def environment(model, device: str, dtype: str) -> dict:
         "attention": model.config.text_config._attn_implementation,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "transformers_tested": list(TESTED),
         "vistrim": __version__,
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from ..errors import VistrimError
 from .bench import add_bench_parser
@@ -37,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    warnings.showwarning = _show_warning
     try:
+        if args.command in ("run", "eval", "bench"):
+            from ..compat import check_transformers
+
+            check_transformers()  # before any model is loaded
         if args.command == "list":
             from .listing import run_list
 
@@ -64,6 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return fail(f"internal error: {type(error).__name__}: {first} (set VISTRIM_DEBUG=1 for details)", 1)
     return fail(f"unknown command {args.command}")
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """vistrim's own warnings as one line (``vistrim: warning: ...``), others as Python shows them."""
+    from ..compat import VistrimWarning
+
+    if issubclass(category, VistrimWarning):
+        print(f"vistrim: warning: {message}", file=sys.stderr)
+        return
+    _default_showwarning(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":

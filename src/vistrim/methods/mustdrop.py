@@ -24,6 +24,7 @@ from ..runtime.vision import VisionStage
 from .base import Budget, Method, check_budget, check_range, register, resolve_budget, scale_layer
 
 PRESETS = {"192": (0.001, 0.001), "128": (0.0012, 0.001), "64": (0.011, 0.01)}
+DEFAULT_THRESHOLDS = PRESETS["192"]  # alpha, beta without a preset
 
 
 @register
@@ -42,9 +43,11 @@ class MustDrop(Method):
     Prefill stage: after each pruning layer (``layers``, given for ``depth_ref`` layers and scaled),
     S = head-averaged attention of the text tokens after the image to the visual tokens;
     g_j = sum_i S_ij, u_j = max_i S_ij; token j is dropped iff g_j < alpha * sum g and u_j < beta.
-    ``preset`` "192"/"128"/"64" sets the released (alpha, beta). ``budget`` (a count, or a ratio of
-    the prompt's visual tokens) switches to exact-budget mode: per-stage counts solved so the
-    layer-averaged visual tokens meet it within one token per sample, ranked by the same dual test.
+    ``preset`` "192"/"128"/"64" selects the released (alpha, beta); an ``alpha`` or ``beta`` given
+    explicitly wins over the preset's (unset ones default to the preset's, or to 0.001 each).
+    ``budget`` (a count, or a ratio of the prompt's visual tokens) switches to exact-budget mode:
+    per-stage counts solved so the layer-averaged visual tokens meet it within one token per
+    sample, ranked by the same dual test.
     Decoding stage (``decode``): layers from the first pruning layer on keep in their cache only
     the tokens that survived the last prefill stage. ``decode_evict`` (our extension, not in the
     released code) also evicts, every ``decode_every`` steps, visual entries the generated token
@@ -72,8 +75,8 @@ class MustDrop(Method):
     layers: tuple[int, ...] = (2, 6, 10, 14)
     depth_ref: int = 32
     preset: Literal["", "192", "128", "64"] = ""
-    alpha: float = 0.001
-    beta: float = 0.001
+    alpha: float | None = None
+    beta: float | None = None
     budget: Budget | None = None
     positions: Literal["original", "renumber"] = "original"
     decode: bool = True
@@ -93,7 +96,8 @@ class MustDrop(Method):
         check_range(self.key_ratio, "mustdrop.key_ratio", 0.0, 1.0)
         check_range(self.depth_ref, "mustdrop.depth_ref", low=0)
         for field in ("alpha", "beta", "decode_beta"):
-            check_range(getattr(self, field), f"mustdrop.{field}", low=0.0)
+            if getattr(self, field) is not None:
+                check_range(getattr(self, field), f"mustdrop.{field}", low=0.0)
         check_range(self.decode_every, "mustdrop.decode_every", low=1)
         if self.budget is not None:
             check_budget(self.budget, "mustdrop.budget")
@@ -103,8 +107,19 @@ class MustDrop(Method):
             raise VistrimError(
                 f"mustdrop.layers must be increasing layer indices >= 0, got {list(self.layers)}"
             )
-        if self.preset:
-            self.alpha, self.beta = PRESETS[self.preset]
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        """(alpha, beta) in use: explicit settings, else the preset's, else the defaults."""
+        preset = PRESETS.get(self.preset, DEFAULT_THRESHOLDS)
+        return (
+            preset[0] if self.alpha is None else self.alpha,
+            preset[1] if self.beta is None else self.beta,
+        )
+
+    def settings(self) -> dict:
+        alpha, beta = self.thresholds
+        return {**super().settings(), "alpha": alpha, "beta": beta}  # record what ran
 
     def bind(self, geo) -> None:
         if self.prefill and not self.pruning_layers(geo.num_layers):
@@ -204,14 +219,13 @@ class MustDrop(Method):
         g, u = dual_scores(rows.probs, rows.query_valid)
         key = ctx.slot_note("key") if "key" in ctx.state.notes else torch.zeros_like(rows.slot_valid)
         if self.budget is None:
-            ctx.keep(dual_keep(g, u, self.alpha, self.beta) | key)
+            ctx.keep(dual_keep(g, u, *self.thresholds) | key)
             return
         stage = pruning.index(layer)
         if stage == 0:
             ctx.scratch["mustdrop_counts"] = self._stage_counts(ctx, pruning, key)
-        margin = dual_margin(g, u, max(self.alpha, 1e-12), max(self.beta, 1e-12)).masked_fill(
-            key, float("inf")
-        )
+        alpha, beta = self.thresholds
+        margin = dual_margin(g, u, max(alpha, 1e-12), max(beta, 1e-12)).masked_fill(key, float("inf"))
         ctx.keep_top(margin, ctx.scratch["mustdrop_counts"][:, stage])
 
     def _stage_counts(self, ctx, pruning: list[int], key: torch.Tensor) -> torch.Tensor:
