@@ -10,6 +10,7 @@ from reference import original_positions
 
 import vistrim
 from vistrim.compat import cache_kwargs, output_cache
+from vistrim.families import family_for
 from vistrim.ops.mustdrop import (
     dual_keep,
     dual_margin,
@@ -21,7 +22,6 @@ from vistrim.ops.mustdrop import (
     stage_counts,
     window_similarity,
 )
-from vistrim.runtime.adapters import adapter_for
 
 
 # ---------------------------------------------------------------------- ops
@@ -147,7 +147,7 @@ def test_vision_stage_equals_shortened_prompt_reference(tiny, shapes):
     single = processor(images=shape_images(3)[1:2], text=PROMPTS[1:2], return_tensors="pt")
     with vistrim.trim(model, "mustdrop", **settings) as session:
         tokens = greedy(model, single, n=5)
-        stage = session.method._stages[id(session)]
+        stage = session.state["mustdrop_stage"]
         with torch.no_grad():
             features = model.model.get_image_features(pixel_values=single["pixel_values"]).pooler_output
         ((record, index),) = stage.lookup(list(features))
@@ -273,7 +273,7 @@ def test_cls_row_equals_eager_tower_attention(tiny, tiny_eager, shapes):
     eager, _ = tiny_eager
     with vistrim.trim(model, "mustdrop", merge_threshold=2.0) as session, torch.no_grad():
         features = model.model.get_image_features(pixel_values=shapes["pixel_values"]).pooler_output
-        found = session.method._stages[id(session)].lookup(list(features))
+        found = session.state["mustdrop_stage"].lookup(list(features))
     with torch.no_grad():
         maps = eager.model.vision_tower(shapes["pixel_values"], output_attentions=True).attentions[-1]
     expected = maps[:, :, 0, 1:].mean(1)  # CLS row, head-averaged, patches only
@@ -286,7 +286,7 @@ def test_renumbered_positions_are_contiguous_per_layer(tiny, shapes):
     the tokens generated later (checked against the positions the model was given)."""
     model, _ = tiny
     seen = {}
-    layer = adapter_for(model).layers[5]
+    layer = family_for(model).layers[5]
 
     def record(module, args, kwargs):
         seen.setdefault("calls", []).append(kwargs["position_ids"].clone())
@@ -305,7 +305,7 @@ def test_renumbered_positions_are_contiguous_per_layer(tiny, shapes):
 def test_original_positions_are_kept(tiny, shapes):
     model, _ = tiny
     seen = []
-    layer = adapter_for(model).layers[5]
+    layer = family_for(model).layers[5]
     single = tiny[1](images=shape_images(3)[1:2], text=PROMPTS[1:2], return_tensors="pt")
     with vistrim.trim(model, "mustdrop", merge_threshold=0.9, budget=20):
         handle = layer.register_forward_pre_hook(

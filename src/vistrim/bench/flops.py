@@ -16,7 +16,8 @@ INCLUDED = "decoder layers + vision tower (patch embedding and all encoder layer
 
 @dataclass(frozen=True)
 class FlopsShape:
-    """The widths the formulas need, read from a model's geometry."""
+    """The widths the formulas need, from a model's family (``Family.flops_shape()``). A family
+    whose tower the formulas do not describe gives ``vision_layers = 0`` (decoder only)."""
 
     hidden: int  # d
     kv_width: int  # d_kv = key/value heads x head dim
@@ -27,19 +28,6 @@ class FlopsShape:
     image_size: int
     patch_size: int
     channels: int = 3
-
-    @classmethod
-    def from_geometry(cls, geo) -> FlopsShape:
-        return cls(
-            hidden=geo.hidden_size,
-            kv_width=geo.num_kv_heads * geo.head_dim,
-            intermediate=geo.intermediate_size,
-            vision_hidden=geo.vision_hidden,
-            vision_intermediate=geo.vision_intermediate,
-            vision_layers=geo.vision_layers,
-            image_size=geo.image_size,
-            patch_size=geo.patch_size,
-        )
 
     @property
     def patches(self) -> int:

@@ -175,7 +175,7 @@ def environment(model, device: str, dtype: str) -> dict:
     import transformers
 
     from .. import __version__
-    from ..runtime.adapters import adapter_for
+    from ..families import family_for
 
     return {
         "device": device,
@@ -189,5 +189,5 @@ def environment(model, device: str, dtype: str) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None,
-        "geometry": dataclasses.asdict(adapter_for(model).geometry),
+        "geometry": dataclasses.asdict(family_for(model).geometry),
     }

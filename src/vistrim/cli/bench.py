@@ -94,12 +94,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def measure(model, processor, specs, budgets, args):
     """Everything that runs the model; returns the JSON document and the aggregated rows."""
-    from ..bench.flops import FlopsShape
     from ..bench.report import aggregate, assemble
     from ..bench.runner import config_meta, quality_all, time_all, unpruned_prefill_bytes
-    from ..runtime.adapters import adapter_for
+    from ..families import family_for
 
-    geo = adapter_for(model).geometry
+    family = family_for(model)
+    geo = family.geometry
     items, inputs, info, configs, options = plan(model, processor, specs, budgets, args)
     load_start = os.getloadavg()
     raw = {"workload": info, "configs": [config_meta(c) for c in configs]}
@@ -107,7 +107,7 @@ def measure(model, processor, specs, budgets, args):
         raw["unpruned_kv_prefill"] = unpruned_prefill_bytes(model, inputs)
         raw["timing"] = time_all(model, inputs, configs, options, advance)
         raw["quality"] = quality_all(model, processor, items, configs, options, advance)
-    rows = aggregate(raw, FlopsShape.from_geometry(geo), geo.num_layers)
+    rows = aggregate(raw, family.flops_shape(), geo.num_layers)
     settings = run_settings(model, args, budgets, configs, items, options)
     settings["load_average"] = {"start": load_start, "end": os.getloadavg()}
     return assemble(settings, rows, raw), rows
@@ -118,11 +118,11 @@ def plan(model, processor, specs, budgets, args):
     from ..bench.runner import BenchOptions, workload
     from ..bench.specs import build_configs
     from ..data.easyvqa import fixed_subset, load_split
-    from ..runtime.adapters import adapter_for
+    from ..families import family_for
 
     items = fixed_subset(load_split("test"), max(args.samples, args.batch), seed=0)
     inputs, info = workload(model, processor, items, args.batch)
-    num_layers = adapter_for(model).geometry.num_layers
+    num_layers = family_for(model).geometry.num_layers
     configs = build_configs(specs, budgets, info["visual_tokens"][0], num_layers, args.own_defaults)
     options = BenchOptions(
         new_tokens=args.new_tokens,

@@ -96,12 +96,12 @@ def grid(model, processor, first_batch, specs, budgets, args):
     """The method x budget configurations for this model's visual-token count and depth."""
     from ..bench.specs import build_configs
     from ..evaluate.harness import encode, visual_counts
-    from ..runtime.adapters import adapter_for
+    from ..families import family_for
 
     images, prompts = first_batch
     n_visual = int(visual_counts(model, encode(processor, images[:1], prompts[:1], model))[0])
     return build_configs(
-        specs, budgets, n_visual, adapter_for(model).geometry.num_layers, args.budgets is None
+        specs, budgets, n_visual, family_for(model).geometry.num_layers, args.budgets is None
     )
 
 

@@ -49,8 +49,10 @@ def encode(processor, images: Sequence, prompts: Sequence[str], model):
 
 
 def visual_counts(model, inputs) -> torch.Tensor:
-    """(B,) image tokens in each prompt, from ``input_ids == image_token_id``."""
-    return (inputs["input_ids"] == model.config.image_token_id).sum(-1)
+    """(B,) prunable visual tokens in each prompt, as the model's family finds them."""
+    from ..families import family_for
+
+    return family_for(model).layout(inputs["input_ids"], dict(inputs)).visual.sum(-1)
 
 
 @torch.inference_mode()

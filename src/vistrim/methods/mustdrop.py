@@ -36,8 +36,13 @@ class MustDrop(Method):
     ``window`` windows; a window whose mean pairwise cosine similarity is >= ``merge_threshold``
     becomes one token (the plain mean), so later tower layers run on fewer tokens and fewer image
     tokens enter the language model. The key set is the top ``key_ratio`` of the patches by the
-    CLS row of attention at vision layer ``key_layer`` (rebuilt from q and k); later stages never
-    drop a key token. ``official`` reproduces the released code: every sample of a batch merges as
+    CLS row of attention at vision layer ``key_layer`` (rebuilt from q and k; on towers without a
+    CLS token, e.g. SigLIP, by the attention each patch receives, averaged over all queries and
+    heads); later stages never drop a key token. ``vision``: ``auto`` (default) runs the merge and
+    the key set on families whose tower supports them and skips both elsewhere (recorded in
+    ``stats.extra["mustdrop_vision_stage"]``); ``true`` refuses a family without support;
+    ``false`` skips the merge (the key set still runs where the tower allows).
+    ``official`` reproduces the released code: every sample of a batch merges as
     many windows as the sample with the fewest, merged tokens first; otherwise each sample keeps
     its own count and raster order.
     Prefill stage: after each pruning layer (``layers``, given for ``depth_ref`` layers and scaled),
@@ -64,7 +69,7 @@ class MustDrop(Method):
         "merge similar windows in the vision tower, dual-attention filter at prefill, output-aware cache"
     )
 
-    vision: bool = True
+    vision: bool | Literal["auto"] = "auto"
     window: int = 3
     merge_threshold: float = 0.8
     merge_layer: int = 0
@@ -84,10 +89,6 @@ class MustDrop(Method):
     decode_beta: float = 0.01
     decode_every: int = 1
     attention: Literal["rows", "eager"] = "rows"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._stages: dict[int, VisionStage] = {}  # per session: its vision-stage hooks
 
     def validate(self) -> None:
         check_range(self.window, "mustdrop.window", low=2)
@@ -124,15 +125,16 @@ class MustDrop(Method):
     def bind(self, geo) -> None:
         if self.prefill and not self.pruning_layers(geo.num_layers):
             raise VistrimError(f"mustdrop.layers: none falls before the last of {geo.num_layers} layers")
+
+    def _bind_tower(self, tower) -> None:
+        """Check the vision-stage settings against the family's tower."""
+        layers = len(tower.layers)
         if self.vision:
-            check_range(self.merge_layer, "mustdrop.merge_layer", 0, geo.vision_feature_layer - 2)
-            grid = geo.image_size // geo.patch_size
-            check_range(self.window, "mustdrop.window", 2, grid)
+            check_range(self.merge_layer, "mustdrop.merge_layer", 0, tower.feature_layer - 2)
+            check_range(self.window, "mustdrop.window", 2, min(tower.grid))
         if self._needs_keys():
-            key = self.key_layer % geo.vision_layers
-            if not -geo.vision_layers <= self.key_layer < geo.vision_layers or (
-                self.vision and key <= self.merge_layer
-            ):
+            key = self.key_layer % layers
+            if not -layers <= self.key_layer < layers or (self.vision and key <= self.merge_layer):
                 raise VistrimError(
                     f"mustdrop.key_layer={self.key_layer} must be a vision layer after merge_layer"
                 )
@@ -149,25 +151,27 @@ class MustDrop(Method):
 
     # ------------------------------------------------------------------ vision stage
     def install(self, session) -> None:
-        if not (self.vision or self._needs_keys()):
+        family = session.adapter
+        wants_tower = self.vision is True or (self.vision == "auto" and not family.vision_refusal)
+        if not (wants_tower or (self._needs_keys() and not family.vision_refusal)):
             return
-        geo = session.adapter.geometry
+        tower = family.vision_tower()  # a one-line refusal if the family has no vision stage
+        self._bind_tower(tower)
+        merge = bool(self.vision)  # True, or "auto" on a family whose tower supports the merge
         stage = VisionStage(
-            session.adapter,
-            reduce_after=self.merge_layer if self.vision else None,
-            reducer=self._reducer(geo.image_size // geo.patch_size) if self.vision else None,
-            probe_layer=self.key_layer % geo.vision_layers if self._needs_keys() else None,
+            tower,
+            reduce_after=self.merge_layer if merge else None,
+            reducer=self._reducer(tower) if merge else None,
+            probe_layer=self.key_layer % len(tower.layers) if self._needs_keys() else None,
             full_matrix=self.attention == "eager",
         )
         stage.install(session)
-        self._stages[id(session)] = stage
-
-    def uninstall(self, session) -> None:
-        self._stages.pop(id(session), None)
+        session.state["mustdrop_stage"] = stage
 
     def on_prefill_start(self, ctx) -> None:
-        stage = self._stages.get(id(ctx.session))
-        features = _image_features(ctx) if stage is not None else None
+        stage = ctx.session.state.get("mustdrop_stage")
+        ctx.session.stats.extra["mustdrop_vision_stage"] = stage is not None and stage.reducer is not None
+        features = _image_features(ctx, stage.tower) if stage is not None else None
         found = stage.lookup(features) if features else None
         if found is None:  # no image, or encoded outside this session: the language-model stages still run
             return
@@ -183,22 +187,24 @@ class MustDrop(Method):
         stats.extra["mustdrop_merged_windows"] = [int(r.merged[i]) for r, i in found if r.merged is not None]
         stats.extra["mustdrop_key_tokens"] = [int(k.sum()) for k in notes.get("key", [])]
 
-    def _reducer(self, grid: int):
-        windows = grid_windows(grid, grid, self.window)
+    def _reducer(self, tower):
+        rows, cols = tower.grid
+        prefix = tower.prefix
+        windows = grid_windows(rows, cols, self.window)
         # In budget mode an image merges at most as many windows as still leave the budget's
         # tokens (a merge removes window^2 - 1); the language-model stages drop the rest.
         limit = None
         if self.budget is not None:
-            patches = grid * grid
+            patches = rows * cols
             limit = int((patches - resolve_budget(self.budget, patches)) // (self.window**2 - 1))
 
         def reduce(hidden: torch.Tensor):
-            cls, patches = hidden[:, :1], hidden[:, 1:]
+            head, patches = hidden[:, :prefix], hidden[:, prefix:]
             similarity = window_similarity(patches, windows)
             plan = merge_plan(similarity, self.merge_threshold, same_count=self.official, limit=limit)
             tokens, valid, _ = merge_windows(patches, windows, plan, similarity, merged_first=self.official)
-            head = torch.ones_like(valid[:, :1])
-            return torch.cat([cls, tokens], 1), torch.cat([head, valid], 1), plan.sum(-1)
+            head_valid = torch.ones_like(valid[:, :prefix])
+            return torch.cat([head, tokens], 1), torch.cat([head_valid, valid], 1), plan.sum(-1)
 
         return reduce
 
@@ -266,16 +272,9 @@ class MustDrop(Method):
         ctx.evict(layer, (attention >= self.decode_beta) | key)
 
 
-def _image_features(ctx) -> list[torch.Tensor] | None:
+def _image_features(ctx, tower) -> list[torch.Tensor] | None:
     """Per-image features of this prefill: encoded now from ``pixel_values`` (with the vision
     stage's hooks active), or as ``generate`` encoded them before prefill."""
-    inputs, config = ctx.inputs, ctx.session.adapter.model.config
-    if inputs.get("pixel_values") is not None:
-        output = ctx.session.adapter.core.get_image_features(
-            pixel_values=inputs["pixel_values"],
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-        )
-        return list(output.pooler_output)
-    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
-    return None if encoded is None else list(encoded.pooler_output)
+    if ctx.inputs.get("pixel_values") is not None:
+        return tower.encode(ctx.inputs)
+    return ctx.session.adapter.encoded_features(ctx.inputs)

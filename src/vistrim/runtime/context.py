@@ -74,6 +74,7 @@ class Context:
         self.cache = cache
         self.attention_mask = attention_mask  # 2-D, original coordinates, may be None
         self.prompt_ids = prompt_ids  # (B, T) during prefill
+        self.layout = None  # prefill: where the visual tokens are (families.Layout)
         self.layer = -1
         self.step = -1  # decoding: step t of the token being processed, 0 for the first generated one
         self.state: PromptState | None = None
@@ -189,20 +190,29 @@ class Context:
     def replace_images(
         self, features: list[torch.Tensor], notes: dict[str, list[torch.Tensor]] | None = None
     ):
-        """Vision stage: image i enters the language model as ``features[i]`` (M_i, D) instead of
-        its N placeholder tokens. The first M_i placeholders carry the features, the others leave
-        before the first decoder layer; the model's own image encoding is skipped.
-        ``notes[name][i]`` (M_i,) are per-token notes that follow the tokens through the run.
+        """Vision stage: image i (the i-th run of visual placeholders, row-major) enters the
+        language model as ``features[i]`` (M_i, D) instead of its N_i placeholder tokens. The first
+        M_i placeholders carry the features, the others leave before the first decoder layer; the
+        model's own image encoding is skipped. ``notes[name][i]`` (M_i,) are per-token notes that
+        follow the tokens through the run.
         """
-        ids = self.prompt_ids
-        placeholder = ids == self.geometry.image_token_id
-        per_image = int(placeholder.sum()) // max(1, len(features))
-        if per_image * len(features) != int(placeholder.sum()):
-            raise VistrimError("the prompt's image placeholders do not match the number of images")
-        rank = placeholder.flatten().cumsum(0).view_as(ids) - 1  # placeholder order, row-major
-        image, slot = rank // per_image, rank % per_image
+        ids, layout = self.prompt_ids, self.layout
+        placeholder = layout.visual
+        per_row = (layout.item.max(-1).values + 1).clamp(min=0)  # images in each prompt
+        first_image = per_row.cumsum(0) - per_row
+        image = (layout.item + first_image[:, None])[placeholder]  # row-major order
+        count = len(features)
+        if int(image.max()) + 1 != count:
+            raise VistrimError(
+                f"the prompts hold placeholders of {int(image.max()) + 1} images, but {count} were encoded"
+            )
+        rank = torch.arange(image.numel(), device=ids.device)
+        start = torch.full((count,), image.numel(), device=ids.device).scatter_reduce(0, image, rank, "amin")
         sizes = torch.tensor([f.shape[0] for f in features], device=ids.device)
-        kept = placeholder & (slot < sizes[image.clamp(0, len(features) - 1)])
+        if bool((sizes > torch.bincount(image, minlength=count)).any()):
+            raise VistrimError("an image has more features than placeholders in the prompt")
+        kept = torch.zeros_like(placeholder)
+        kept[placeholder] = (rank - start[image]) < sizes[image]
         embeds = self.session.adapter.embed(ids)
         embeds[kept] = torch.cat(features).to(embeds.dtype)
         self.inputs.update(inputs_embeds=embeds, input_ids=None, pixel_values=None, mm_encoder_outputs=None)

@@ -4,7 +4,7 @@ A ``Session`` installs forward (pre-)hooks on the multimodal core, every decoder
 final norm of *one* model instance, and removes them in ``remove()``. Nothing is patched at class
 level; ``generate()`` runs unchanged.
 
-Prefill: the core pre-hook finds visual tokens from ``input_ids == image_token_id`` and gives the
+Prefill: the core pre-hook asks the model's family where the visual tokens are and gives the
 run a ``DynamicCache`` whose layers are ``TrackedLayer``. Each decoder layer's pre-hook records in
 its cache layer which prompt tokens it processes and, after a cut, slices the rotary embeddings and
 position ids and rebuilds the attention mask for that layer (with transformers' own mask builder,
@@ -25,12 +25,11 @@ from functools import partial
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
 
-from ..compat import build_mask, check_transformers, clear_output_cache
+from ..compat import check_transformers, clear_output_cache
 from ..errors import VistrimError
+from ..families import family_for
 from ..ops.compact import gather_rows
-from .adapters import adapter_for
 from .cache import TrackedLayer
 from .context import DECODE, PREFILL, Context, PromptState
 from .stats import RunStats
@@ -41,16 +40,22 @@ class Session:
         self.model = model
         self.method = method
         check_transformers()
-        self.adapter = adapter_for(model)
+        self.adapter = family_for(model)
         method.bind(self.adapter.geometry)
         self.stats: RunStats | None = None
         self._ctx: Context | None = None
         self._handles: list = []
+        self.state: dict = {}  # per-session state of the method and the family (e.g. hooks' records)
         self._core_params = list(inspect.signature(self.adapter.core.forward).parameters)
         geo = self.adapter.geometry
         self._prefill_layers = frozenset(method.prefill_layers(geo))
         self._decode_layers = frozenset(method.decode_layers(geo))
         self.renumber = getattr(method, "positions", "original") == "renumber"
+        if self.renumber and not self.adapter.renumber:
+            raise VistrimError(
+                f"{method.name}.positions=renumber is not defined for {self.adapter.name} "
+                "(multi-axis positions); use positions=original"
+            )
         self._flash = self.adapter.text_config._attn_implementation.startswith("flash")
 
     # ------------------------------------------------------------------ install / remove
@@ -66,6 +71,7 @@ class Session:
                 if index in self._prefill_layers or index in self._decode_layers:
                     self._handles.append(layer.register_forward_hook(partial(self._layer_post, index)))
             self._handles.append(adapter.norm.register_forward_pre_hook(self._norm_pre))
+            adapter.install(self)
             self.method.install(self)
         except BaseException:
             self.remove()
@@ -98,13 +104,13 @@ class Session:
                     "vistrim needs input_ids to find the image tokens (inputs_embeds-only calls)"
                 )
             return (), kwargs
-        visual = input_ids == self.adapter.geometry.image_token_id
-        if not bool(visual.any()):
+        layout = self.adapter.layout(input_ids, kwargs)
+        if not bool(layout.visual.any()):
             return (), kwargs
-        self._start_prefill(input_ids, visual, kwargs)
+        self._start_prefill(input_ids, layout, kwargs)
         return (), kwargs
 
-    def _start_prefill(self, input_ids: torch.Tensor, visual: torch.Tensor, kwargs: dict) -> None:
+    def _start_prefill(self, input_ids: torch.Tensor, layout, kwargs: dict) -> None:
         adapter = self.adapter
         cache = adapter.cache_arg.take(kwargs)
         use_cache = kwargs.get("use_cache")
@@ -119,9 +125,11 @@ class Session:
         if attention_mask is not None and attention_mask.dim() != 2:
             raise VistrimError("vistrim needs a 2-D attention mask (batch, length) or none")
         batch, length = input_ids.shape
+        visual = layout.visual
         live = torch.ones_like(visual) if attention_mask is None else attention_mask.bool()
         src = torch.arange(length, device=input_ids.device).expand(batch, length)
         ctx = Context(self, PREFILL, cache, attention_mask, prompt_ids=input_ids)
+        ctx.layout = layout
         ctx.state = PromptState(src, live, visual & live)
         ctx.inputs = kwargs
         ctx.strip_cache = not use_cache
@@ -145,10 +153,13 @@ class Session:
             reference = kwargs.get("input_ids")
             if reference is None:
                 reference = kwargs["inputs_embeds"][..., 0]
-            start = first.prompt_len + first.generated
-            kwargs["position_ids"] = torch.arange(start, start + reference.shape[1], device=reference.device)[
-                None
-            ]
+            kwargs["position_ids"] = self.adapter.continue_positions(
+                kwargs,
+                first.prompt_len + first.generated,
+                reference.shape[1],
+                reference.shape[0],
+                reference.device,
+            )
         ctx.tail_all_live = ctx.attention_mask is None or bool(ctx.attention_mask.all())
         self._ctx = ctx
 
@@ -202,20 +213,13 @@ class Session:
     def _prefill_positions(self, st: PromptState, hidden, kwargs: dict):
         """Rotary embeddings and position ids of the surviving entries: their original ones, or
         (``positions = "renumber"``) contiguous positions over the live entries."""
-        batch = st.src.shape[0]
         if self.renumber:
-            position_ids = (st.live.long().cumsum(-1) - 1).clamp(min=0)
-            return self.adapter.rotary(hidden, position_ids), position_ids
-        cos, sin = kwargs["position_embeddings"]
-        cos, sin = (gather_rows(t.expand(batch, *t.shape[1:]), st.src, 1) for t in (cos, sin))
-        position_ids = kwargs.get("position_ids")
-        if position_ids is not None and not self._flash:
-            position_ids = position_ids.expand(batch, -1).gather(1, st.src)
-        else:
-            # FlashAttention reads position ids that are not contiguous as packed sequences and
-            # would split the row; rotary embeddings already carry the positions.
-            position_ids = None
-        return (cos, sin), position_ids
+            return self.adapter.renumbered_positions(hidden, st.live)
+        # FlashAttention reads position ids that are not contiguous as packed sequences and would
+        # split the row: it gets none (the rotary embeddings already carry the positions).
+        return self.adapter.gather_positions(
+            kwargs["position_embeddings"], kwargs.get("position_ids"), st.src, keep_ids=not self._flash
+        )
 
     def _decode_layer_geometry(self, ctx: Context, index: int, hidden, kwargs: dict) -> None:
         layer = ctx.cache.layers[index]
@@ -228,10 +232,8 @@ class Session:
             tail = length - layer.held_prompt + hidden.shape[1]
             pad2d = torch.cat([layer.live, ctx._tail_mask(tail)], dim=1)
             mask = self._build_mask(ctx, pad2d, hidden, index) if needs_mask else None
-            rope = None
-            if self.renumber:  # each layer numbers its own live entries contiguously
-                position_ids = (pad2d.long().cumsum(-1) - 1)[:, -hidden.shape[1] :].clamp(min=0)
-                rope = (self.adapter.rotary(hidden, position_ids), position_ids)
+            # with renumber, each layer numbers its own live entries contiguously
+            rope = self.adapter.renumbered_positions(hidden, pad2d) if self.renumber else None
             ctx._masks[key] = (layer.live, mask, rope)
         _, mask, rope = ctx._masks[key]
         if needs_mask:
@@ -245,14 +247,7 @@ class Session:
         return ctx._masks[key][1]
 
     def _build_mask(self, ctx: Context, pad2d, hidden, index: int):
-        return build_mask(
-            create_causal_mask,
-            config=self.adapter.text_config,
-            inputs_embeds=hidden,
-            attention_mask=pad2d,
-            cache=ctx.cache,
-            layer_idx=index,
-        )
+        return self.adapter.causal_mask(ctx.cache, pad2d, hidden, index)
 
     def _layer_post(self, index: int, module, args, output):
         ctx = self._ctx
@@ -264,7 +259,9 @@ class Session:
             if index in self._prefill_layers:
                 self.method.on_prefill_layer(ctx, index)
             if ctx._cut is not None:
+                cut, old_src = ctx._cut
                 output = ctx.take_cut(output)
+                self.adapter.after_cut(ctx, index, cut, old_src)
         elif index in self._decode_layers:
             self.method.on_decode_layer(ctx, index)
         ctx._stash = None
