@@ -286,6 +286,12 @@ class Family:
         """(model, processor): a tiny random model of the family built from a config, offline."""
         raise NotImplementedError(f"{cls.name} has no tiny builder")
 
+    @classmethod
+    def tiny_variants(cls) -> dict[str, Callable]:
+        """Named tiny builders (``seed``, ``attn_implementation``) the test matrix runs: one per model
+        class the family serves that differs in what the runtime sees (e.g. Qwen2-VL and 2.5)."""
+        return {cls.name: cls.tiny}
+
 
 def runs(placeholder: torch.Tensor) -> torch.Tensor:
     """(B, n) index of the run of consecutive True entries each True entry belongs to (from 0 in

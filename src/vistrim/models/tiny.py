@@ -69,13 +69,19 @@ def llava_from_configs(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    return seeded(LlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer)
+
+
+def seeded(model_cls, config, seed: int, attn_implementation: str, tokenizer):
+    """``model_cls(config)`` with weights deterministic for ``seed``, the tokenizer's special tokens
+    in its generation config, in eval mode."""
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    for key, value in special.items():
-        setattr(model.generation_config, key, value)
-    return model
+        model = model_cls(config)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return model.eval()
 
 
 def build_tiny(

@@ -16,13 +16,19 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 IMAGE_TOKEN = "<image>"
 
 
-def word_level_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+def word_level_tokenizer(
+    words: Iterable[str], specials: Iterable[str] = (), named: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
     """Lower-cased word/punctuation tokenizer over ``words`` plus the special tokens.
 
-    Ids 0..4 are ``<pad> <unk> <s> </s> <image>``; the words follow in first-seen order, so the
-    vocabulary is deterministic for a deterministic word list.
+    Ids 0..4 are ``<pad> <unk> <s> </s> <image>``; then ``specials`` (a family's own placeholder
+    and boundary tokens, e.g. ``<|image_pad|>``), then the words in first-seen order, so the
+    vocabulary is deterministic for a deterministic word list. ``named`` sets tokenizer attributes
+    such as ``{"image_token": "<|image_pad|>"}`` that processors read (``image_token`` defaults
+    to ``<image>``).
     """
-    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    specials = [t for t in specials if t not in SPECIAL_TOKENS]
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *specials])}
     for word in words:
         word = word.lower()
         if word and word not in vocab:
@@ -37,7 +43,7 @@ def word_level_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         unk_token="<unk>",
         padding_side="left",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN, **(named or {})},
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *specials]})
     return tokenizer

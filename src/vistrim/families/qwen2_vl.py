@@ -1,0 +1,137 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic resolution, 3-axis rotary positions (mRoPE), videos.
+
+- Visual tokens: ``<|image_pad|>`` and ``<|video_pad|>`` placeholders, t*h*w/4 per image or video
+  (different for each image); the ``<|vision_start|>``/``<|vision_end|>`` tokens around them are
+  text and never dropped.
+- Positions: the core builds (3, B, n) mRoPE ids (image tokens repeat along t/h/w) and keeps
+  ``rope_deltas``; the language model folds them into ordinary (B, n, d) cos/sin before its layers,
+  so a cut slices them like Llama's. New tokens continue at text position + ``rope_deltas``;
+  ``positions=renumber`` is refused (there is no single contiguous numbering of three axes).
+- Vision stage: refused. The tower attends over packed patches of every image (windowed in 2.5)
+  and a 2x2 PatchMerger turns four patches into one token; a window merge would need a new
+  patch grid per image and consistent mRoPE ids for the merged tokens, which we do not define.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family, register
+
+PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@register
+class Qwen2VL(Family):
+    name = "qwen2_vl"
+    model_classes = (
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2VLModel",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2_5_VLModel",
+    )
+    videos = True
+    renumber = False
+    vision_refusal = (
+        "its tower attends over packed patches (windows in 2.5) and a 2x2 PatchMerger follows; "
+        "set vision=false"
+    )
+
+    def continue_positions(self, kwargs: dict, start: int, length: int, batch: int, device):
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            return None  # the core numbers new tokens from the 2-D mask: original coordinates
+        deltas = self.core.rope_deltas
+        text = torch.arange(start, start + length, device=device).expand(batch, length)
+        if deltas is not None:
+            text = text + deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
+        return text[None].expand(3, batch, length)
+
+    @classmethod
+    def tiny_variants(cls):
+        return {
+            "qwen2_vl": cls.tiny,
+            "qwen2_5_vl": lambda seed=0, attn_implementation="sdpa": cls.tiny(
+                seed, attn_implementation, version="2.5"
+            ),
+        }
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa", *, version: str = "2"):
+        """Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``): 4 decoder layers (GQA 4/2, q/k/v
+        bias), a 2-layer tower with patch 4 and a 2x2 merger, so a 32x32 image gives 16 tokens."""
+        from transformers import (
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2VLConfig,
+            Qwen2VLForConditionalGeneration,
+            Qwen2VLProcessor,
+        )
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from ..models.processors import image_only
+        from ..models.tiny import _WORDS, seeded
+        from ..models.tokenizer import word_level_tokenizer
+
+        tokenizer = word_level_tokenizer(
+            _WORDS, PLACEHOLDERS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+        )
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=4,
+            merge_size=2,
+            temporal_patch_size=2,
+            size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64},
+        )
+        processor = image_only(
+            Qwen2VLProcessor,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+        )
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in PLACEHOLDERS}
+        text = dict(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            initializer_range=0.08,
+        )
+        vision = dict(depth=2, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2)
+        if version == "2.5":
+            config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+            vision.update(
+                hidden_size=32,
+                out_hidden_size=64,
+                intermediate_size=64,
+                window_size=16,
+                fullatt_block_indexes=[1],
+            )
+        else:
+            config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+            vision.update(embed_dim=32, mlp_ratio=2)
+        config = config_cls(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        return seeded(model_cls, config, seed, attn_implementation, tokenizer), processor

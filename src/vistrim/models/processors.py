@@ -1,0 +1,83 @@
+"""Processors for the tiny models vistrim builds, and loading a saved one without torchvision.
+
+transformers' video processors need torchvision, and a processor class that takes a video
+processor (Qwen2-VL, LLaVA-OneVision, InternVL, SmolVLM, ...) refuses to be built without one
+even for images only. Where torchvision is missing (this CPU environment, and some user ones),
+``image_only`` builds the family's *own* processor class with ``video_processor=None``: a subclass
+created here that only skips the class check for that absent argument; all processing (placeholder
+expansion, ``mm_token_type_ids``, chat templates) is transformers' unchanged code. Videos then
+need the image processor path of the family (see the family's tests) or torchvision.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from ..errors import VistrimError
+
+
+def video_processors_available() -> bool:
+    """True when transformers can build video processors (torchvision importable)."""
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
+@functools.cache
+def _image_only_class(cls: type) -> type:
+    def check_argument_for_proper_class(self, name, argument):
+        if name == "video_processor" and argument is None:
+            return None
+        return cls.check_argument_for_proper_class(self, name, argument)
+
+    return type(cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class})
+
+
+def image_only(cls: type, **parts):
+    """An instance of processor class ``cls`` built from ``parts`` (image_processor, tokenizer,
+    chat_template, ...), with ``video_processor=None`` when the class takes one and no video
+    processor can be built here."""
+    if "video_processor" in cls.get_attributes() and parts.get("video_processor") is None:
+        parts["video_processor"] = None
+        return _image_only_class(cls)(**parts)
+    return cls(**parts)
+
+
+def load_processor(source: str, local_files_only: bool):
+    """``AutoProcessor.from_pretrained``; where that fails only because video processors need
+    torchvision, the same processor class assembled from the folder's tokenizer, image processor
+    and chat template (images only)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    try:
+        return AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+    except (ImportError, AttributeError, TypeError, ValueError) as error:
+        if video_processors_available():
+            raise
+        original = error
+    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    name = _processor_class_name(source, config)
+    cls = processor_class_from_name(name) if name else None
+    if cls is None:
+        raise VistrimError(f"cannot build the processor of {source}: {original}") from None
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    image_processor = AutoImageProcessor.from_pretrained(
+        source, local_files_only=local_files_only, backend="pil"
+    )
+    template = Path(source, "chat_template.jinja")
+    chat_template = template.read_text() if template.is_file() else getattr(tokenizer, "chat_template", None)
+    return image_only(cls, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+def _processor_class_name(source: str, config) -> str | None:
+    import json
+
+    for name in ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = Path(source, name)
+        if path.is_file():
+            found = json.loads(path.read_text()).get("processor_class")
+            if found:
+                return found
+    return getattr(config, "processor_class", None)
