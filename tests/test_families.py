@@ -305,3 +305,31 @@ def test_cache_eviction_equals_masked_forward_without_cache(variant, batch):
     torch.testing.assert_close(torch.stack(out.logits, 1), reference, atol=1e-5, rtol=0)
     left = int((visual & (position % 3 != 0)).sum())
     assert session.stats.cache_visual_prefill[:, 0].tolist() == [left] * len(family.layers)
+
+
+# ---------------------------------------------------------------------- a saved folder through the CLI
+def test_cli_runs_on_a_saved_folder(variant, tmp_path, capsys):
+    from conftest import run_cli
+
+    name, model, _, processor = variant
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image = tmp_path / "image.png"
+    picture((36, 28), 5).save(image)
+    code, out, err = run_cli(
+        capsys,
+        "run",
+        "--model",
+        str(folder),
+        "--image",
+        str(image),
+        "--prompt",
+        "what color is it ?",
+        "--method",
+        "fastv",
+        "--max-new-tokens",
+        "3",
+    )
+    assert code == 0, err
+    assert "layer-averaged visual tokens" in out

@@ -50,7 +50,9 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str = "float32", attn: 
 
 
 def _from_pretrained(spec: str, device: str, dtype: torch.dtype, attn: str):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .processors import load_processor
 
     local = Path(spec).expanduser()
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
@@ -74,7 +76,7 @@ def _from_pretrained(spec: str, device: str, dtype: torch.dtype, attn: str):
             f"unsupported model {spec!r}: {type(config).__name__} has no image token (not a VLM)"
         )
     try:
-        processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
+        processor = load_processor(source, local_files_only=offline)
         model = AutoModelForImageTextToText.from_pretrained(
             source, dtype=dtype, attn_implementation=attn, local_files_only=offline
         )

@@ -3,10 +3,10 @@
 transformers' video processors need torchvision, and a processor class that takes a video
 processor (Qwen2-VL, LLaVA-OneVision, InternVL, SmolVLM, ...) refuses to be built without one
 even for images only. Where torchvision is missing (this CPU environment, and some user ones),
-``image_only`` builds the family's *own* processor class with ``video_processor=None``: a subclass
-created here that only skips the class check for that absent argument; all processing (placeholder
-expansion, ``mm_token_type_ids``, chat templates) is transformers' unchanged code. Videos then
-need the image processor path of the family (see the family's tests) or torchvision.
+``image_only`` builds the family's *own* processor class without a video processor: a subclass
+created here whose only change is that it does not list ``video_processor`` among its parts; all
+processing (placeholder expansion, ``mm_token_type_ids``, chat templates) is transformers'
+unchanged code. Videos need torchvision (or pixel values made by the family's image processor).
 """
 
 from __future__ import annotations
@@ -26,20 +26,18 @@ def video_processors_available() -> bool:
 
 @functools.cache
 def _image_only_class(cls: type) -> type:
-    def check_argument_for_proper_class(self, name, argument):
-        if name == "video_processor" and argument is None:
-            return None
-        return cls.check_argument_for_proper_class(self, name, argument)
+    def get_attributes(subclass):
+        return [name for name in cls.get_attributes() if name != "video_processor"]
 
-    return type(cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class})
+    # Same name, so what it saves names the family's own class.
+    return type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes)})
 
 
 def image_only(cls: type, **parts):
     """An instance of processor class ``cls`` built from ``parts`` (image_processor, tokenizer,
-    chat_template, ...), with ``video_processor=None`` when the class takes one and no video
-    processor can be built here."""
+    chat_template, ...), without a video processor when the class takes one and none is given."""
     if "video_processor" in cls.get_attributes() and parts.get("video_processor") is None:
-        parts["video_processor"] = None
+        parts.pop("video_processor", None)
         return _image_only_class(cls)(**parts)
     return cls(**parts)
 
@@ -53,7 +51,7 @@ def load_processor(source: str, local_files_only: bool):
 
     try:
         return AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
-    except (ImportError, AttributeError, TypeError, ValueError) as error:
+    except (ImportError, AttributeError, TypeError, ValueError, OSError) as error:
         if video_processors_available():
             raise
         original = error
