@@ -66,7 +66,28 @@ def load_processor(source: str, local_files_only: bool):
     )
     template = Path(source, "chat_template.jinja")
     chat_template = template.read_text() if template.is_file() else getattr(tokenizer, "chat_template", None)
-    return image_only(cls, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    return image_only(
+        cls,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        **_saved_settings(source, cls),
+    )
+
+
+def _saved_settings(source: str, cls: type) -> dict:
+    """The processor's own settings saved in ``processor_config.json`` (e.g. InternVL's
+    ``image_seq_length``): the keys its ``__init__`` takes, other than its parts."""
+    import inspect
+    import json
+
+    path = Path(source, "processor_config.json")
+    if not path.is_file():
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    parts = {*cls.get_attributes(), "chat_template"}
+    saved = json.loads(path.read_text())
+    return {key: value for key, value in saved.items() if key in params and key not in parts}
 
 
 def _processor_class_name(source: str, config) -> str | None:

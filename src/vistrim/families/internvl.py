@@ -1,0 +1,115 @@
+"""InternVL (``InternVLForConditionalGeneration`` / ``InternVLModel``, transformers' "-hf" checkpoints:
+InternVL2.5, InternVL3): an InternViT tower with a CLS token, 2x2 pixel shuffle, an MLP projector
+and a Qwen2- or Llama-shaped language model.
+
+- Visual tokens: every ``<IMG_CONTEXT>`` placeholder (``image_token_id``). An image is cut into
+  dynamic tiles (plus a thumbnail when there are several), each giving ``image_seq_length``
+  placeholders, all in one run between ``<img>`` and ``</img>``; those two are text tokens and
+  never dropped. Video frames use the same placeholders (one ``<img>`` run per frame).
+- Positions and mask: 1-D rotary positions and a causal mask, as the defaults.
+- Vision stage: refused. The projector reads a pixel shuffle of the whole square patch grid of
+  each tile (2x2 neighbours folded into one token), which a window merge inside the tower breaks,
+  and the tower's layers take no attention mask to run tiles that keep different numbers of tokens.
+- FLOPs: decoder only (the tiles per image and the shuffled projector are not in bench's formulas).
+"""
+
+from __future__ import annotations
+
+from .base import Family, register
+
+PLACEHOLDERS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif item['type'] == 'video' %}<video>\n"
+    "{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@register
+class InternVL(Family):
+    name = "internvl"
+    model_classes = ("InternVLForConditionalGeneration", "InternVLModel")
+    videos = True  # frames are image placeholders, trimmed like images
+    vision_refusal = (
+        "its projector reads a 2x2 pixel shuffle of each tile's full patch grid and its tower layers "
+        "take no attention mask; set vision=false"
+    )
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa", *, text: str = "qwen2"):
+        """InternVL with a Qwen2 (``text="qwen2"``, q/k/v bias) or Llama language model: 4 decoder
+        layers (GQA 4/2), a 2-layer tower on 32x32 tiles with patch 4 (8x8 patches + CLS), 2x2
+        pixel shuffle, so a tile gives 16 tokens; images are cut into up to 4 tiles + a thumbnail."""
+        from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        from ..models.processors import image_only
+        from ..models.tiny import _WORDS, seeded
+        from ..models.tokenizer import word_level_tokenizer
+
+        tile, patch, ratio = 32, 4, 0.5
+        seq = int((tile // patch) ** 2 * ratio**2)
+        tokenizer = word_level_tokenizer(
+            _WORDS,
+            PLACEHOLDERS,
+            {
+                "start_image_token": "<img>",
+                "end_image_token": "</img>",
+                "context_image_token": "<IMG_CONTEXT>",
+                "video_token": "<video>",
+            },
+        )
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1, max_patches=4
+        )
+        processor = image_only(
+            InternVLProcessor,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            image_seq_length=seq,
+            chat_template=CHAT_TEMPLATE,
+        )
+        special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        text_config = dict(
+            model_type=text,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            initializer_range=0.08,
+            **special,
+        )
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=tile,
+            patch_size=patch,
+            initializer_range=0.08,
+        )
+        config = InternVLConfig(
+            text_config=text_config,
+            vision_config=vision,
+            image_token_id=tokenizer.context_image_token_id,
+            image_seq_length=seq,
+            downsample_ratio=ratio,
+        )
+        return seeded(InternVLForConditionalGeneration, config, seed, attn_implementation, tokenizer), processor
+
+    @classmethod
+    def tiny_variants(cls):
+        return {
+            "internvl": cls.tiny,
+            "internvl_llama": lambda seed=0, attn_implementation="sdpa": cls.tiny(
+                seed, attn_implementation, text="llama"
+            ),
+        }
