@@ -1,0 +1,103 @@
+"""Aya Vision (``AyaVisionForConditionalGeneration`` / ``AyaVisionModel``): a SigLIP tower on dynamic
+tiles, a pixel-shuffle SwiGLU projector and a Cohere language model.
+
+- Visual tokens: every ``<|IMG_PATCH|>`` placeholder (``image_token_index``). An image is cut
+  into tiles plus a global one, each headed by ``TILE_i`` / ``TILE_GLOBAL`` and the whole image
+  wrapped in ``<|START_OF_IMG|>`` / ``<|END_OF_IMG|>``: text tokens, never dropped.
+- Language model: Cohere (aya-vision-32b's Aya Expanse: full attention, interleaved rotary
+  embeddings, parallel attention and MLP, optional q/k norms) fits the defaults. Cohere 2
+  (aya-vision-8b's Command R7B) is refused at ``trim()``: its sliding-window layers alternate with
+  global layers that use no rotary positions.
+- Vision stage: refused. The projector reads a pixel shuffle of each tile's full patch grid,
+  which a window merge inside the tower breaks.
+- FLOPs: decoder only (tiles per image and the shuffled projector are not in bench's formulas).
+"""
+
+from __future__ import annotations
+
+from ..errors import VistrimError
+from .base import Family, register
+
+TILES = tuple(f"TILE_{i}" for i in range(1, 13))
+PLACEHOLDERS = ("<|IMG_PATCH|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "TILE_GLOBAL", *TILES)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@register
+class AyaVision(Family):
+    name = "aya_vision"
+    model_classes = ("AyaVisionForConditionalGeneration", "AyaVisionModel")
+    vision_refusal = (
+        "its projector reads a pixel shuffle of each tile's full patch grid, which a window merge "
+        "breaks; set vision=false"
+    )
+
+    def check(self) -> None:
+        if self.text_config.model_type == "cohere2":
+            raise VistrimError(
+                f"{self.name}: a Cohere 2 language model is not supported (sliding-window layers "
+                "alternate with global layers that use no rotary positions)"
+            )
+        super().check()
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa"):
+        """4 Cohere decoder layers (GQA 4/2), a 2-layer SigLIP tower on 32x32 tiles with patch 4
+        (8x8 patches), 2x2 pixel shuffle, so each tile gives 16 tokens; up to 4 tiles + a global."""
+        from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        from ..models.tiny import _WORDS, seeded
+        from ..models.tokenizer import word_level_tokenizer
+
+        tile, patch, factor = 32, 4, 2
+        tokenizer = word_level_tokenizer(_WORDS, PLACEHOLDERS)
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1, max_patches=4
+        )
+        processor = AyaVisionProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch,
+            img_size=tile,
+            downsample_factor=factor,
+            chat_template=CHAT_TEMPLATE,
+        )
+        special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        text = dict(
+            model_type="cohere",
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            initializer_range=0.08,
+            **special,
+        )
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=tile,
+            patch_size=patch,
+        )
+        config = AyaVisionConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"),
+            downsample_factor=factor,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+        return seeded(AyaVisionForConditionalGeneration, config, seed, attn_implementation, tokenizer), processor
