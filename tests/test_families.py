@@ -6,6 +6,7 @@ nothing here names a family, a model class or a token id.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +23,7 @@ from vistrim.families import FAMILIES, family_for
 from vistrim.methods.base import Method
 
 VARIANTS = {name: build for family in FAMILIES.values() for name, build in family.tiny_variants().items()}
+REQUIRES = {name: family.tiny_requires for family in FAMILIES.values() for name in family.tiny_variants()}
 
 QUESTIONS = [
     ("what color is the shape ?", (32, 32), True),
@@ -70,6 +72,9 @@ def rows_of(inputs: dict, rows: list[int]) -> dict:
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request):
+    missing = [module for module in REQUIRES[request.param] if importlib.util.find_spec(module) is None]
+    if missing:
+        pytest.skip(f"{request.param}: its tiny builder needs {', '.join(missing)}")
     build = VARIANTS[request.param]
     model, processor = build(seed=0)
     eager, _ = build(seed=0, attn_implementation="eager")

@@ -19,7 +19,14 @@ from ..errors import VistrimError
 from .base import Family, register
 
 TILES = tuple(f"TILE_{i}" for i in range(1, 13))
-PLACEHOLDERS = ("<|IMG_PATCH|>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_LINE_BREAK|>", "TILE_GLOBAL", *TILES)
+PLACEHOLDERS = (
+    "<|IMG_PATCH|>",
+    "<|START_OF_IMG|>",
+    "<|END_OF_IMG|>",
+    "<|IMG_LINE_BREAK|>",
+    "TILE_GLOBAL",
+    *TILES,
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -100,4 +107,6 @@ class AyaVision(Family):
             vision_feature_layer=-1,
             vision_feature_select_strategy="full",
         )
-        return seeded(AyaVisionForConditionalGeneration, config, seed, attn_implementation, tokenizer), processor
+        return seeded(
+            AyaVisionForConditionalGeneration, config, seed, attn_implementation, tokenizer
+        ), processor

@@ -102,6 +102,9 @@ class Family:
     renumber: ClassVar[bool] = True  # contiguous renumbering of positions (``positions=renumber``)
     vision_refusal: ClassVar[str] = ""  # why MustDrop's vision stage is refused ("" = supported)
     protected_tokens: ClassVar[str] = ""  # what ``Layout.protected`` marks, for the docs
+    # Modules the tiny builder needs beyond vistrim's dependencies (e.g. a processor that imports
+    # torchvision); the test matrix skips the family's variants where one is missing.
+    tiny_requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -169,6 +172,11 @@ class Family:
             raise VistrimError(
                 f"{self.name}: sliding-window or hybrid attention layers are not supported "
                 f"({', '.join(sorted(set(types)))})"
+            )
+        window = getattr(self.text_config, "sliding_window", None)
+        if not types and window is not None:  # e.g. Mistral: one window for every layer, no layer_types
+            raise VistrimError(
+                f"{self.name}: sliding-window attention is not supported (sliding_window={window})"
             )
 
     def check_cache(self, cache) -> None:

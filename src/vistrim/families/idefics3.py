@@ -82,9 +82,14 @@ class Idefics3(Family):
         tile, patch, scale = 24, 4, 2
         seq = (tile // patch) ** 2 // scale**2
         tokenizer = word_level_tokenizer(_WORDS, PLACEHOLDERS, {"fake_image_token": PLACEHOLDERS[0]})
-        image_processor = ImageProcessor(size={"longest_edge": 3 * tile}, max_image_size={"longest_edge": tile})
+        image_processor = ImageProcessor(
+            size={"longest_edge": 3 * tile}, max_image_size={"longest_edge": tile}
+        )
         processor = Idefics3Processor(
-            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=seq, chat_template=CHAT_TEMPLATE
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            image_seq_len=seq,
+            chat_template=CHAT_TEMPLATE,
         )
         special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
         text = dict(

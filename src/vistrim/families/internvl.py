@@ -103,7 +103,9 @@ class InternVL(Family):
             image_seq_length=seq,
             downsample_ratio=ratio,
         )
-        return seeded(InternVLForConditionalGeneration, config, seed, attn_implementation, tokenizer), processor
+        return seeded(
+            InternVLForConditionalGeneration, config, seed, attn_implementation, tokenizer
+        ), processor
 
     @classmethod
     def tiny_variants(cls):

@@ -35,6 +35,7 @@ CHAT_TEMPLATE = (
 class Mistral3(Family):
     name = "mistral3"
     model_classes = ("Mistral3ForConditionalGeneration", "Mistral3Model")
+    tiny_requires = ("torchvision",)  # transformers' PixtralProcessor imports it
     vision_refusal = (
         "its tower attends over the patches of every image packed into one sequence and the "
         "projector merges 2x2 cells of each image's patch grid; set vision=false"
@@ -105,4 +106,6 @@ class Mistral3(Family):
             spatial_merge_size=merge,
             vision_feature_layer=-1,
         )
-        return seeded(Mistral3ForConditionalGeneration, config, seed, attn_implementation, tokenizer), processor
+        return seeded(
+            Mistral3ForConditionalGeneration, config, seed, attn_implementation, tokenizer
+        ), processor

@@ -44,15 +44,16 @@ def image_only(cls: type, **parts):
 
 def load_processor(source: str, local_files_only: bool):
     """``AutoProcessor.from_pretrained``; where that fails only because video processors need
-    torchvision, the same processor class assembled from the folder's tokenizer, image processor
-    and chat template (images only)."""
+    torchvision, or because the folder was saved by an image-only processor (no video processor
+    in it), the same processor class assembled from the folder's tokenizer, image processor and
+    chat template (images only)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import processor_class_from_name
 
     try:
         return AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
     except (ImportError, AttributeError, TypeError, ValueError, OSError) as error:
-        if video_processors_available():
+        if video_processors_available() and not _saved_without_video_processor(source):
             raise
         original = error
     config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
@@ -73,6 +74,17 @@ def load_processor(source: str, local_files_only: bool):
         chat_template=chat_template,
         **_saved_settings(source, cls),
     )
+
+
+def _saved_without_video_processor(source: str) -> bool:
+    """A local folder whose processor was saved without a video processor (``image_only``)."""
+    import json
+
+    folder = Path(source)
+    if not folder.is_dir() or Path(folder, "video_preprocessor_config.json").is_file():
+        return False
+    config = Path(folder, "processor_config.json")
+    return not (config.is_file() and "video_processor" in json.loads(config.read_text()))
 
 
 def _saved_settings(source: str, cls: type) -> dict:
