@@ -4,7 +4,8 @@ Importing this package registers every family; ``family_for(model)`` returns the
 raises a one-line ``VistrimError`` naming why the model is not supported.
 """
 
-from . import aya_vision, glm4v, idefics3, internvl, llava, mistral3, qwen2_vl, refused  # noqa: F401  (registration side effect)
+# Importing a family module registers it (and ``refused`` the classes vistrim refuses).
+from . import aya_vision, glm4v, idefics3, internvl, llava, mistral3, qwen2_vl, refused  # noqa: F401
 from .base import FAMILIES, REFUSED, Family, Geometry, Layout, VisionTower, family_class, family_for
 
 __all__ = ["FAMILIES", "REFUSED", "Family", "Geometry", "Layout", "VisionTower", "family_class", "family_for"]
