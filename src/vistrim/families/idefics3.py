@@ -6,7 +6,8 @@ model at ``model.text_model``.
 - Visual tokens: every ``<image>`` placeholder (``image_token_id``). An image is split into tiles
   plus a global (downscaled) image, ``image_seq_len`` placeholders each; every tile is wrapped in
   boundary tokens (``<fake_token_around_image>``, ``<row_i_col_j>``, ``<global-img>``, newlines),
-  which are text tokens: never dropped.
+  which are text tokens: never dropped. SmolVLM's video frames enter the same way (one global image
+  each, with a timestamp in text).
 - Positions and mask: 1-D rotary positions and a causal mask, as the defaults.
 - Vision stage: refused. The connector reads a pixel shuffle of each tile's full patch grid
   (``scale_factor`` x ``scale_factor`` neighbours folded into one token), which a window merge
@@ -39,6 +40,7 @@ class Idefics3(Family):
         "SmolVLMForConditionalGeneration",
         "SmolVLMModel",
     )
+    videos = True  # SmolVLM: frames enter as images (image placeholders), trimmed like images
     vision_refusal = (
         "its connector reads a pixel shuffle of each tile's full patch grid, which a window merge "
         "breaks; set vision=false"
