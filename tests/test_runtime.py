@@ -423,3 +423,31 @@ def test_kv_bytes_equal_cache_tensor_sizes(tiny, batch):
     full = batch["input_ids"].shape[1]
     assert session.stats.kv_bytes_unpruned_prefill == [sizes[0] // full * full] * 6
     assert sizes[0] > sizes[-1]
+
+
+def test_inputs_embeds_with_images_is_refused_not_silently_unpruned(tiny, batch):
+    model, _ = tiny
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+    for method in ("fastv", "none"):
+        with pytest.raises(vistrim.VistrimError, match="needs input_ids") as info:
+            with vistrim.trim(model, method):
+                model.generate(
+                    inputs_embeds=embeds,
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
+                    max_new_tokens=2,
+                )
+        assert "\n" not in str(info.value)
+        assert no_hooks(model)
+
+
+def test_stats_of_a_run_without_image_tokens_are_a_valid_empty_summary(tiny):
+    model, processor = tiny
+    inputs = processor.tokenizer(["what is the color ?"], return_tensors="pt")
+    with vistrim.trim(model, "st3") as session:
+        assert session.stats.summary()["layer_average_visual"] == 0.0  # before any run
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    summary = session.stats.summary()
+    assert summary["visual_in"] == 0.0 and summary["layer_average_visual"] == 0.0
+    assert summary["prefill_visual_per_layer"] == [] and summary["batch_size"] == 1

@@ -184,6 +184,13 @@ class Family:
         placeholder = torch.isin(input_ids, ids)
         return Layout(placeholder, torch.zeros_like(placeholder), runs(placeholder))
 
+    def has_visual_inputs(self, inputs: dict) -> bool:
+        """Whether a forward call carries images or videos (pixels, or features ``generate``
+        encoded before prefill)."""
+        if any(inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos")):
+            return True
+        return any(v is not None for v in (inputs.get("mm_encoder_outputs") or {}).values())
+
     # ------------------------------------------------------------------ positions
     def gather_positions(self, position_embeddings, position_ids, src: torch.Tensor, keep_ids: bool):
         """Rotary embeddings (cos, sin) and position ids of the prompt entries ``src`` (B, n').
