@@ -32,27 +32,24 @@ def run_list(args) -> int:
         table.add_row(name, cls.summary, "\n".join(fields) or "-")
     console = Console(width=max(100, Console().width))
     console.print(table)
-    console.print(families_table())
+    console.print("[bold]model families[/bold] (chosen by the model's class)")
+    for line in family_lines():
+        console.print(line, highlight=False)
     return 0
 
 
-def families_table() -> Table:
-    """Supported model families (chosen by model class), the transformers releases they were
-    tested on, and what each supports; then the classes refused, with the reason."""
+def family_lines() -> list[str]:
+    """One line per supported family (its model classes, the transformers releases it was tested
+    on, what it supports), then one per refused class with the reason."""
     from ..families import FAMILIES, REFUSED
 
-    table = Table(title="model families", show_lines=True)
-    for column in ("family", "model classes", "tested transformers", "videos", "vision stage", "renumber"):
-        table.add_column(column, overflow="fold")
+    lines = []
     for family in FAMILIES.values():
-        table.add_row(
-            family.name,
-            "\n".join(family.model_classes),
-            ", ".join(family.tested_transformers),
-            "yes" if family.videos else "no",
-            "yes" if not family.vision_refusal else f"no: {family.vision_refusal}",
-            "yes" if family.renumber else "no",
+        vision = "yes" if not family.vision_refusal else f"no ({family.vision_refusal})"
+        lines.append(
+            f"- {family.name}: {', '.join(family.model_classes)}; tested with transformers "
+            f"{', '.join(family.tested_transformers)}; videos: {'yes' if family.videos else 'no'}; "
+            f"renumber: {'yes' if family.renumber else 'no'}; vision stage: {vision}"
         )
-    for name, reason in REFUSED.items():
-        table.add_row("-", name, "-", "-", f"refused: {reason}", "-")
-    return table
+    lines += [f"- refused: {name}: {reason}" for name, reason in REFUSED.items()]
+    return lines
