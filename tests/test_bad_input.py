@@ -119,7 +119,7 @@ def test_broken_weights_and_incomplete_folders_are_one_short_line(capsys, saved_
         truncated: "corrupt",
         garbage: "corrupt",
         only_config: "has no weights",
-        no_processor: "cannot load the processor",
+        no_processor: "the processor of",
         empty: "has no config.json",
         picture: "not a folder",
     }

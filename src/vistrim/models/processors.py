@@ -61,7 +61,9 @@ def load_processor(source: str, local_files_only: bool):
     name = _processor_class_name(source, config)
     cls = processor_class_from_name(name) if name else None
     if cls is None:
-        raise VistrimError(f"cannot build the processor of {source}: {original}") from None
+        from . import _first_line
+
+        raise VistrimError(f"cannot build the processor of {source}: {_first_line(original)}") from None
     tokenizer = AutoTokenizer.from_pretrained(
         source, local_files_only=local_files_only, trust_remote_code=False
     )
