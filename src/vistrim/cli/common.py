@@ -1,6 +1,6 @@
 """Pieces shared by the CLI commands: one-line argument errors, settings, configs, output paths.
 
-Nothing here imports torch or transformers: a usage error is answered before they load.
+Importing this module loads neither torch nor transformers: a usage error is answered before they load.
 """
 
 from __future__ import annotations
