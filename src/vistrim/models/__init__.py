@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import VistrimError
 
@@ -33,6 +34,17 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 NO_CODE = "vistrim never runs code from a model folder or hub repo"
+# What reading a damaged model folder raises; RuntimeError: a truncated pytorch_model.bin, or
+# weights whose shapes do not fit the config.
+_LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    SafetensorError,
+    pickle.UnpicklingError,
+    EOFError,
+)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -120,16 +132,6 @@ def _load(spec: str, device: torch.device, torch_dtype: torch.dtype, attn: str):
     return _from_pretrained(spec, device, torch_dtype, attn)
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
-    from safetensors import SafetensorError
-
-    # RuntimeError: a truncated pytorch_model.bin, or weights whose shapes do not fit the config
-    return (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError, EOFError)
-
-
-_LOAD_ERRORS = _load_errors()
-
-
 def _from_pretrained(spec: str, device: torch.device, dtype: torch.dtype, attn: str):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -215,7 +217,7 @@ def _weights_message(error: BaseException) -> str:
     text = str(error)
     if "mismatch" in text:
         return "their tensor shapes do not match config.json"
-    if type(error).__name__ == "SafetensorError":
+    if isinstance(error, SafetensorError):
         return f"a .safetensors file is corrupt ({_first_line(error)})"
     if "PytorchStreamReader" in text or isinstance(error, (pickle.UnpicklingError, EOFError)):
         return "a pytorch_model.bin file is corrupt"
