@@ -125,13 +125,22 @@ def test_several_images_in_one_sample():
         ]
         images = [[picture((32, 32), 0), picture((40, 24), 1)], [picture((24, 40), 2)]]
         batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
-        layout = family_for(model).layout(batch["input_ids"], batch)
+        family = family_for(model)
+        layout = family.layout(batch["input_ids"], batch)
         assert torch.equal(layout.protected, newline_rows(model, batch))
         assert layout.item.max(-1).values.tolist() == [1, 0]  # two images apart, though adjacent
+        pixels = {k: batch[k] for k in ("pixel_values", "image_sizes", "batch_num_images") if k in batch}
+        with torch.no_grad():
+            encoded = family.core.get_image_features(**pixels)
+        pre = family.layout(batch["input_ids"], {"mm_encoder_outputs": {"image": encoded}})
+        assert torch.equal(pre.protected, layout.protected) and torch.equal(pre.item, layout.item)
         with torch.no_grad():
             reference = model(**batch).logits
-        with vistrim.trim(model, "fastv", keep=1.0), torch.no_grad():
-            assert torch.equal(model(**batch).logits, reference)
+        reference_tokens = greedy(model, batch)
+        with vistrim.trim(model, "fastv", keep=1.0):
+            with torch.no_grad():
+                assert torch.equal(model(**batch).logits, reference)
+            assert torch.equal(greedy(model, batch), reference_tokens)
 
 
 # ---------------------------------------------------------------------- videos

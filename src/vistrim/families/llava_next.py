@@ -11,7 +11,16 @@ anyres tiles, a Llama-shaped language model: Vicuna, Mistral without sliding win
   visual, never dropped).
 - Videos (NeXT-Video): each frame is one CLIP sequence, pooled 2x2 (``vision_resampler``) and
   projected; every video token is prunable, budgets count image and video tokens together.
-- Vision stage (MustDrop's merge and key set): refused, see ``vision_refusal``.
+- Vision stage (MustDrop's merge and key set): refused. A merge inside one tile's CLIP sequence is
+  well defined, but its result must then go through the packing: unpadding crops the tile grid at
+  rows or columns that can cut through a merge window, the newline rows interleave, and the
+  language model reads the packed order. The runtime's vision stage pads every tile back to its
+  patch count, which the packing would place as if they were patches (silently wrong), and
+  ``generate`` encodes images before prefill and drops ``image_sizes``, so at prefill nothing maps
+  a tile's merged tokens to placeholders by index. The released MustDrop code flattens the crops
+  (no unpadding, no newlines): a different input than the model's, so keep-all would no longer
+  be the unpatched model. MustDrop still runs its prefill filter and output-aware cache
+  (``vision="auto"``); ``vision=true`` is refused with ``vision_refusal``.
 """
 
 from __future__ import annotations
@@ -48,9 +57,9 @@ class LlavaNext(Family):
         "equal to image_newline when generate encoded the images before prefill)"
     )
     vision_refusal = (
-        "the core packs the tiles after the projector (unpadded to the image's aspect ratio, a newline "
-        "after each grid row), and generate encodes images before prefill without image_sizes, so tokens "
-        "merged inside a tile have no exact place among the placeholders; set vision=false"
+        "the core packs the tiles after the projector (unpadded to the image's aspect ratio, which can "
+        "cut through a merge window, a newline after each grid row) and generate drops image_sizes before "
+        "prefill, so tokens merged inside a tile have no exact place among the placeholders; set vision=false"
     )
 
     # ------------------------------------------------------------------ visual tokens
@@ -74,8 +83,8 @@ class LlavaNext(Family):
         return Layout(visual, protected, item)
 
     def _modalities(self) -> list[tuple[str, int]]:
-        names = ("image", "video")
-        return [(name, token_id) for name, token_id in zip(names, self.geometry.visual_token_ids)]
+        found = [(m, getattr(self.config, f"{m}_token_id", None)) for m in ("image", "video")]
+        return [(modality, int(token_id)) for modality, token_id in found if token_id is not None]
 
     def _place(self, placeholder: torch.Tensor, newlines: list[torch.Tensor], modality: str):
         """Newline flags (B, n) and first-entry flags (B, n) of the items whose per-item newline
@@ -122,9 +131,9 @@ class LlavaNext(Family):
         return torch.zeros(length, dtype=torch.bool)
 
     def _pack_probe(self, inputs: dict) -> list[torch.Tensor]:
-        """The model's own packing run on a probe: every tile's rows 0, newline 1 (float64, so
-        unpadding, and OneVision's interpolation, keep them exact)."""
-        sizes = inputs["image_sizes"].cpu()
+        """The model's own packing run on a probe (every tile row 0, the newline 1; zeros stay zeros
+        through unpadding and OneVision's interpolation): which packed rows are newlines."""
+        sizes = torch.as_tensor(inputs["image_sizes"]).cpu()
         rows = self._tile_rows()
         probe = [torch.zeros(tiles, rows, 1, dtype=torch.float64) for tiles in self.tiles(inputs)]
         packed = self._pack(probe, sizes, torch.ones(1, dtype=torch.float64))
@@ -154,7 +163,7 @@ class LlavaNext(Family):
                 grid_pinpoints=self.config.image_grid_pinpoints,
                 patch_size=self.config.vision_config.image_size,
             )
-            for size in inputs["image_sizes"].cpu()
+            for size in torch.as_tensor(inputs["image_sizes"]).cpu()
         ]
 
     def tower_model(self):

@@ -8,7 +8,9 @@ without CLS, ``vision_feature_select_strategy="full"``, anyres tiles, Qwen2 lang
   followed by one newline. Newline rows are ``Layout.protected``.
 - Videos: every frame is one SigLIP sequence, projected and pooled 2x2; the core appends one
   ``image_newline`` after each video's frames: protected too; the frame tokens are prunable.
-- Vision stage: refused, see ``vision_refusal``.
+- Vision stage: refused, as for LLaVA-NeXT (see ``families/llava_next.py``); the CLS-free importance
+  probe would be defined per tile, but the bilinear interpolation blends neighbouring patches
+  after the projector, so even the key set has no exact place in the packed image.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ class LlavaOnevision(LlavaNext):
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     videos = True
     vision_refusal = (
-        "the core packs the tiles after the projector (unpadded, interpolated beyond anyres_max, a "
-        "newline after each grid row), and generate encodes images before prefill without image_sizes, "
-        "so tokens merged inside a tile have no exact place among the placeholders; set vision=false"
+        "the core packs the tiles after the projector (unpadded, which can cut through a merge window, "
+        "interpolated beyond anyres_max, a newline after each grid row) and generate drops image_sizes "
+        "before prefill, so tokens merged inside a tile have no exact place among the placeholders; "
+        "set vision=false"
     )
 
     def _video_newlines(self, length: int) -> torch.Tensor:
