@@ -47,10 +47,23 @@ def images(n: int, seed: int = 0, size: int = 40) -> list[Image.Image]:
     return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
 
 
+def image_token_id() -> int:
+    """The tiny LLaVA's image placeholder id, as its family reads it from the config."""
+    from vistrim.families import family_for
+
+    model, _ = _tiny_model()
+    (token,) = family_for(model).geometry.visual_token_ids
+    return token
+
+
+@functools.cache
+def _tiny_model():
+    return build_tiny(seed=0)
+
+
 @pytest.fixture(scope="session")
 def tiny():
-    model, processor = build_tiny(seed=0)
-    return model, processor
+    return _tiny_model()
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,19 @@ def test_list_shows_methods_and_defaults(capsys):
         assert text in out
 
 
+def test_list_states_supported_families_and_tested_releases(capsys):
+    from vistrim.compat import TESTED
+    from vistrim.families import FAMILIES, REFUSED
+
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0 and "model families" in out
+    flat = " ".join(out.split())  # the terminal wraps long lines
+    for family in FAMILIES.values():
+        assert f"- {family.name}: " in flat and all(c in flat for c in family.model_classes)
+    assert f"tested with transformers {', '.join(TESTED)}" in flat
+    assert all(f"refused: {name}" in flat for name in REFUSED)
+
+
 def test_run_prints_answer_counts_and_kv(capsys, saved_tiny, picture, tmp_path):
     report = tmp_path / "run.json"
     code, out, err = run_cli(

@@ -338,3 +338,21 @@ def test_cli_runs_on_a_saved_folder(variant, tmp_path, capsys):
     )
     assert code == 0, err
     assert "layer-averaged visual tokens" in out
+
+
+# ---------------------------------------------------------------------- prompts that end with the image
+@pytest.mark.parametrize("name", sorted(PRUNING))
+@pytest.mark.parametrize("layout", ["ends-with-image", "only-image"])
+def test_prompts_where_nothing_follows_the_image(variant, name, layout):
+    """Methods that read text queries fall back to the last token; nothing crashes, budgets hold."""
+    _, model, _, processor = variant
+    token = processor.image_token
+    text = f"describe the picture {token}" if layout == "ends-with-image" else token
+    inputs = dict(processor(images=[picture((32, 32), 1)], text=[text], return_tensors="pt"))
+    settings = {**PRUNING[name], **({"queries": "text"} if name == "st3" else {})}
+    with vistrim.trim(model, name, **settings) as session:
+        tokens = greedy(model, inputs, n=2)
+    assert tokens.shape == (1, 2)
+    visual = int(visual_mask(model, inputs).sum())
+    counts = session.stats.prefill_visual()[:, 0]
+    assert int(counts[0]) == visual and int(counts[-1]) < visual

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, greedy, shape_images
+from conftest import PROMPTS, greedy, image_token_id, shape_images
 from PIL import Image
 from reference import original_positions
 
@@ -153,7 +153,7 @@ def test_vision_stage_equals_shortened_prompt_reference(tiny, shapes):
         ((record, index),) = stage.lookup(list(features))
         kept = features[0][: int(record.valid[index].sum())]
     ids = single["input_ids"][0]
-    image = (ids == 4).nonzero().flatten()
+    image = (ids == image_token_id()).nonzero().flatten()
     embed = model.get_input_embeddings()
     prompt = torch.cat([embed(ids[: image[0]]), kept, embed(ids[image[-1] + 1 :])])[None]
     reference, cache = [], None

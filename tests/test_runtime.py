@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import PROMPTS, encode, greedy, images, no_hooks
+from conftest import PROMPTS, encode, greedy, image_token_id, images, no_hooks
 from reference import masked_drop_forward, masked_eviction_logits, original_positions
 
 import vistrim
@@ -110,7 +110,9 @@ def _text_kept_everywhere(stats, inputs) -> bool:
 
 
 def stats_image_token(inputs) -> int:
-    return 4  # <image> in the word-level tokenizer (ids 0..4 are the special tokens)
+    from conftest import image_token_id
+
+    return image_token_id()
 
 
 @pytest.mark.parametrize("keep", [0.25, 0.5, 0.0, 1.0, 10, 0, 64, 100])
@@ -184,7 +186,7 @@ def test_attention_rows_match_eager(tiny, tiny_eager, batch, layer, queries):
         maps = eager(**batch, output_attentions=True).attentions[layer]  # (B, H, T, T)
     rows = probe.prefill_rows
     index, valid = probe.prefill_slots
-    visual = batch["input_ids"] == 4
+    visual = batch["input_ids"] == image_token_id()
     last_visual = torch.where(visual, torch.arange(visual.shape[1]), -1).max(-1).values
     for b in range(maps.shape[0]):
         query_rows = (
@@ -218,7 +220,7 @@ def test_decode_attention_row_matches_eager(tiny, tiny_eager, batch):
 
 
 def _excluded_per_layer(stats, inputs) -> list[torch.Tensor]:
-    visual = inputs["input_ids"] == 4
+    visual = inputs["input_ids"] == image_token_id()
     excluded = []
     for layer in range(stats.num_layers):
         kept = torch.zeros_like(visual)
@@ -317,7 +319,7 @@ def test_cache_eviction_equals_masked_forward_without_cache(tiny, batch):
             return_dict_in_generate=True,
         )
     generated = out.sequences[:, batch["input_ids"].shape[1] :]
-    visual = batch["input_ids"] == 4
+    visual = batch["input_ids"] == image_token_id()
     position = torch.arange(visual.shape[1]).expand_as(visual)
     evicted = [(0, visual & (position % 3 == 0)), (3, visual & (position % 3 == 1))]
     reference = masked_eviction_logits(model, batch, generated, evicted)
@@ -423,3 +425,31 @@ def test_kv_bytes_equal_cache_tensor_sizes(tiny, batch):
     full = batch["input_ids"].shape[1]
     assert session.stats.kv_bytes_unpruned_prefill == [sizes[0] // full * full] * 6
     assert sizes[0] > sizes[-1]
+
+
+def test_inputs_embeds_with_images_is_refused_not_silently_unpruned(tiny, batch):
+    model, _ = tiny
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+    for method in ("fastv", "none"):
+        with pytest.raises(vistrim.VistrimError, match="needs input_ids") as info:
+            with vistrim.trim(model, method):
+                model.generate(
+                    inputs_embeds=embeds,
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
+                    max_new_tokens=2,
+                )
+        assert "\n" not in str(info.value)
+        assert no_hooks(model)
+
+
+def test_stats_of_a_run_without_image_tokens_are_a_valid_empty_summary(tiny):
+    model, processor = tiny
+    inputs = processor.tokenizer(["what is the color ?"], return_tensors="pt")
+    with vistrim.trim(model, "st3") as session:
+        assert session.stats.summary()["layer_average_visual"] == 0.0  # before any run
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    summary = session.stats.summary()
+    assert summary["visual_in"] == 0.0 and summary["layer_average_visual"] == 0.0
+    assert summary["prefill_visual_per_layer"] == [] and summary["batch_size"] == 1

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +29,13 @@ def at_budget(
     method: str | Method, budget: int | float, *, n_visual: int, num_layers: int, **settings
 ) -> Method:
     """``method`` (with ``settings`` fixed) configured so that its layer-averaged visual tokens in
-    prefill come closest to ``budget``: a float is a ratio of ``n_visual``, an int a count."""
+    prefill come closest to ``budget``: a float is a ratio of ``n_visual``, an int a count (capped
+    at ``n_visual``)."""
+    for name, value, low in (("n_visual", n_visual, 0), ("num_layers", num_layers, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise VistrimError(f"at_budget: {name} must be an integer >= {low}, got {value!r}")
     base = build(method, **settings)
-    return base.at_budget(resolve_budget(budget, n_visual), n_visual, num_layers)
+    return base.at_budget(resolve_budget(budget, n_visual), int(n_visual), int(num_layers))
 
 
 def apply(model: torch.nn.Module, method: str | Method = "none", **settings) -> Session:

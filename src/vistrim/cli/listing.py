@@ -30,5 +30,26 @@ def run_list(args) -> int:
         hints = typing.get_type_hints(cls)
         fields = [f"{f.name}: {type_name(hints[f.name])} = {f.default!r}" for f in dataclasses.fields(cls)]
         table.add_row(name, cls.summary, "\n".join(fields) or "-")
-    Console(width=max(100, Console().width)).print(table)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    console.print("[bold]model families[/bold] (chosen by the model's class)")
+    for line in family_lines():
+        console.print(line, highlight=False)
     return 0
+
+
+def family_lines() -> list[str]:
+    """One line per supported family (its model classes, the transformers releases it was tested
+    on, what it supports), then one per refused class with the reason."""
+    from ..families import FAMILIES, REFUSED
+
+    lines = []
+    for family in FAMILIES.values():
+        vision = "yes" if not family.vision_refusal else f"no ({family.vision_refusal})"
+        lines.append(
+            f"- {family.name}: {', '.join(family.model_classes)}; tested with transformers "
+            f"{', '.join(family.tested_transformers)}; videos: {'yes' if family.videos else 'no'}; "
+            f"renumber: {'yes' if family.renumber else 'no'}; vision stage: {vision}"
+        )
+    lines += [f"- refused: {name}: {reason}" for name, reason in REFUSED.items()]
+    return lines

@@ -5,7 +5,18 @@ raises a one-line ``VistrimError`` naming why the model is not supported.
 """
 
 # Importing a family module registers it (and ``refused`` the classes vistrim refuses).
-from . import aya_vision, glm4v, idefics3, internvl, llava, mistral3, qwen2_vl, refused  # noqa: F401
+from . import (  # noqa: F401
+    aya_vision,
+    glm4v,
+    idefics3,
+    internvl,
+    llava,
+    llava_next,
+    llava_onevision,
+    mistral3,
+    qwen2_vl,
+    refused,
+)
 from .base import FAMILIES, REFUSED, Family, Geometry, Layout, VisionTower, family_class, family_for
 
 __all__ = ["FAMILIES", "REFUSED", "Family", "Geometry", "Layout", "VisionTower", "family_class", "family_for"]

@@ -192,6 +192,13 @@ class Family:
         placeholder = torch.isin(input_ids, ids)
         return Layout(placeholder, torch.zeros_like(placeholder), runs(placeholder))
 
+    def has_visual_inputs(self, inputs: dict) -> bool:
+        """Whether a forward call carries images or videos (pixels, or features ``generate``
+        encoded before prefill)."""
+        if any(inputs.get(name) is not None for name in ("pixel_values", "pixel_values_videos")):
+            return True
+        return any(v is not None for v in (inputs.get("mm_encoder_outputs") or {}).values())
+
     # ------------------------------------------------------------------ positions
     def gather_positions(self, position_embeddings, position_ids, src: torch.Tensor, keep_ids: bool):
         """Rotary embeddings (cos, sin) and position ids of the prompt entries ``src`` (B, n').
@@ -272,6 +279,12 @@ class Family:
         return None if encoded is None else list(encoded.pooler_output)
 
     # ------------------------------------------------------------------ measurement
+    def vision_sequences(self, inputs: dict) -> int:
+        """Sequences the vision tower runs for ``inputs`` (one per image here; families that cut an
+        image into tiles or take video frames count those), for bench's FLOPs."""
+        pixels = inputs.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[0])
+
     def flops_shape(self):
         """The widths ``bench``'s FLOPs formulas need (``bench.flops.FlopsShape``)."""
         from ..bench.flops import FlopsShape

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 from collections.abc import Collection
@@ -143,7 +144,11 @@ def solve_increasing(fn, target: float, low: float, high: float, iterations: int
 
 
 def resolve_budget(budget: int | float, n_visual: int) -> float:
-    """A layer-averaged budget as a token count: a float is a ratio of ``n_visual``."""
+    """A layer-averaged budget as a token count: a float is a ratio of ``n_visual``, an int a count
+    capped at ``n_visual`` (however large)."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise VistrimError(f"budget={budget!r} must be a ratio (float) or a count (int)")
+    budget = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
     check_budget(budget, "budget")
     return budget * n_visual if isinstance(budget, float) else float(min(budget, n_visual))
 
@@ -173,13 +178,19 @@ def _coerce_union(value: Any, args: tuple, field: str) -> Any:
         # Budget strings: "64" is a count, "0.5" a ratio.
         for option in sorted(options, key=lambda a: 0 if a is int else 1):
             try:
-                return coerce(value, option, field)
+                return _coerce_option(value, option, field)
             except VistrimError:
                 continue
     for option in options:
         if _is_instance(value, option):
-            return coerce(value, option, field)
+            return _coerce_option(value, option, field)
     raise VistrimError(f"{field}={value!r} must be {' or '.join(_name(a) for a in options)}")
+
+
+def _coerce_option(value: Any, option: Any, field: str) -> Any:
+    if option is int:  # a count in a budget: any size, capped at the tokens available when used
+        return _coerce_scalar(value, int, field, bounded=False)
+    return coerce(value, option, field)
 
 
 def _coerce_tuple(value: Any, args: tuple, field: str) -> tuple:
@@ -204,7 +215,7 @@ def _parse_tuple(text: str, field: str) -> list:
     return [p.split(":") if ":" in p else p for p in parts]
 
 
-def _coerce_scalar(value: Any, annotation: Any, field: str) -> Any:
+def _coerce_scalar(value: Any, annotation: Any, field: str, bounded: bool = True) -> Any:
     if annotation is Any:
         return value
     if annotation is bool:
@@ -217,9 +228,12 @@ def _coerce_scalar(value: Any, annotation: Any, field: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise VistrimError(f"{field}={value!r} must be an integer")
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             raise VistrimError(f"{field}={value!r} must be an integer") from None
+        if bounded and not -(2**63) <= number < 2**63:  # torch takes seeds, layers, ... as int64
+            raise VistrimError(f"{field}={value!r} is out of range (a 64-bit integer)")
+        return number
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise VistrimError(f"{field}={value!r} must be a number")

@@ -26,11 +26,26 @@ def video_processors_available() -> bool:
 
 @functools.cache
 def _image_only_class(cls: type) -> type:
+    from transformers import ProcessorMixin
+
+    every = cls.get_attributes()
+    kept = [name for name in every if name != "video_processor"]
+
+    class Parts(ProcessorMixin):
+        """Between the family's class and ProcessorMixin: the family's ``__init__`` hands its parts
+        on positionally in its own order (video processor included, maybe first)."""
+
+        def __init__(self, *args, **kwargs):
+            named = dict(zip(every, args))
+            named.pop("video_processor", None)
+            kwargs.pop("video_processor", None)
+            super().__init__(**named, **kwargs)
+
     def get_attributes(subclass):
-        return [name for name in cls.get_attributes() if name != "video_processor"]
+        return kept
 
     # Same name, so what it saves names the family's own class.
-    return type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes)})
+    return type(cls.__name__, (cls, Parts), {"get_attributes": classmethod(get_attributes)})
 
 
 def image_only(cls: type, **parts):
@@ -43,36 +58,39 @@ def image_only(cls: type, **parts):
 
 
 def load_processor(source: str, local_files_only: bool):
-    """``AutoProcessor.from_pretrained``; where that fails only because video processors need
-    torchvision, or because the folder was saved by an image-only processor (no video processor
-    in it), the same processor class assembled from the folder's tokenizer, image processor and
-    chat template (images only)."""
+    """``AutoProcessor.from_pretrained`` (never running code from the folder); where that fails
+    only because video processors need torchvision, or because the folder was saved by an
+    image-only processor (no video processor in it), the same processor class assembled from the
+    folder's tokenizer, image processor and chat template (images only)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import processor_class_from_name
 
     try:
-        return AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        return AutoProcessor.from_pretrained(
+            source, local_files_only=local_files_only, trust_remote_code=False
+        )
     except (ImportError, AttributeError, TypeError, ValueError, OSError) as error:
         if video_processors_available() and not _saved_without_video_processor(source):
             raise
         original = error
-    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only, trust_remote_code=False)
     name = _processor_class_name(source, config)
     cls = processor_class_from_name(name) if name else None
     if cls is None:
-        raise VistrimError(f"cannot build the processor of {source}: {original}") from None
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        from . import _first_line
+
+        raise VistrimError(f"cannot build the processor of {source}: {_first_line(original)}") from None
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, local_files_only=local_files_only, trust_remote_code=False
+    )
     image_processor = AutoImageProcessor.from_pretrained(
-        source, local_files_only=local_files_only, backend="pil"
+        source, local_files_only=local_files_only, trust_remote_code=False, backend="pil"
     )
     template = Path(source, "chat_template.jinja")
     chat_template = template.read_text() if template.is_file() else getattr(tokenizer, "chat_template", None)
+    settings = _saved_settings(source, cls)
     return image_only(
-        cls,
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=chat_template,
-        **_saved_settings(source, cls),
+        cls, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings
     )
 
 
@@ -88,18 +106,18 @@ def _saved_without_video_processor(source: str) -> bool:
 
 
 def _saved_settings(source: str, cls: type) -> dict:
-    """The processor's own settings saved in ``processor_config.json`` (e.g. InternVL's
-    ``image_seq_length``): the keys its ``__init__`` takes, other than its parts."""
+    """The processor's own settings saved with it (patch_size, num_image_tokens, ...): the entries of
+    processor_config.json that name a parameter of the class, other than its parts."""
     import inspect
     import json
 
     path = Path(source, "processor_config.json")
     if not path.is_file():
         return {}
-    params = inspect.signature(cls.__init__).parameters
+    parameters = inspect.signature(cls.__init__).parameters
     parts = {*cls.get_attributes(), "chat_template"}
     saved = json.loads(path.read_text())
-    return {key: value for key, value in saved.items() if key in params and key not in parts}
+    return {key: value for key, value in saved.items() if key in parameters and key not in parts}
 
 
 def _processor_class_name(source: str, config) -> str | None:

@@ -125,7 +125,8 @@ class Context:
         """Attention from query rows to the visual slots at the layer that just ran.
 
         queries: ``last`` = the last token (of the prompt in prefill, the newest in decoding);
-        ``text`` = every live token after the last visual token (prefill only). Rebuilt from the
+        ``text`` = every live token after the last visual token (prefill only; the last token
+        for a prompt in which nothing follows the image). Rebuilt from the
         layer's queries and its cached keys; the model's own attention is never changed.
         ``full`` first materialises every query row (the whole attention matrix, as reference code
         that reads eager attention maps does) and then reads the rows asked for: slower, same result.
@@ -173,7 +174,9 @@ class Context:
             raise VistrimError("internal: keep() is for prefill; use evict() during decoding")
         st = self.state
         index, valid = st.slots()
-        dead_slots = valid & ~keep_slots
+        # The last prompt token is never removed, even when it is visual (a prompt that ends with
+        # its image): deeper layers must still compute the state that predicts the first answer token.
+        dead_slots = valid & ~keep_slots & (index != st.visual.shape[1] - 1)
         if not bool(dead_slots.any()):
             return
         dead = torch.zeros_like(st.live).scatter_(1, index, dead_slots)
@@ -246,9 +249,12 @@ class Context:
         n = st.visual.shape[1]
         position = torch.arange(n, device=st.visual.device)
         last_visual = torch.where(st.visual, position, -1).max(-1).values
-        first = int(last_visual.min()) + 1
+        first = min(int(last_visual.min()) + 1, n - 1)
         rows = torch.arange(first, n, device=st.visual.device).expand(st.visual.shape[0], -1)
         valid = (rows > last_visual[:, None]) & st.live[:, first:]
+        # A prompt where nothing follows the image (or made only of image tokens): its last token
+        # is the query, as with queries="last".
+        valid[:, -1] |= ~valid.any(-1)
         return rows, valid
 
     def _key_live(self, layer: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..families import family_for
 from ..ops.compact import gather_rows
 from .cache import TrackedLayer
 from .context import DECODE, PREFILL, Context, PromptState
-from .stats import RunStats
+from .stats import RunStats, empty_stats
 
 
 class Session:
@@ -42,7 +42,7 @@ class Session:
         check_transformers()
         self.adapter = family_for(model)
         method.bind(self.adapter.geometry)
-        self.stats: RunStats | None = None
+        self.stats: RunStats = empty_stats(method)  # replaced at every prefill
         self._ctx: Context | None = None
         self._handles: list = []
         self.state: dict = {}  # per-session state of the method and the family (e.g. hooks' records)
@@ -99,13 +99,14 @@ class Session:
             return (), kwargs
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
-            if kwargs.get("pixel_values") is not None:
+            if self.adapter.has_visual_inputs(kwargs):  # generate() moves pixels to mm_encoder_outputs
                 raise VistrimError(
                     "vistrim needs input_ids to find the image tokens (inputs_embeds-only calls)"
                 )
             return (), kwargs
         layout = self.adapter.layout(input_ids, kwargs)
         if not bool(layout.visual.any()):
+            self.stats = empty_stats(self.method, *input_ids.shape)
             return (), kwargs
         self._start_prefill(input_ids, layout, kwargs)
         return (), kwargs

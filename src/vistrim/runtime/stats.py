@@ -45,7 +45,10 @@ class RunStats:
         return len(self.prefill_layers)
 
     def prefill_visual(self) -> torch.Tensor:
-        """(L, B) live visual tokens each decoder layer processed during prefill."""
+        """(L, B) live visual tokens each decoder layer processed during prefill ((0, B) when no
+        prefill with visual tokens ran)."""
+        if not self.prefill_layers:
+            return torch.zeros(0, self.batch_size, dtype=torch.long)
         return torch.stack([(live & visual).sum(-1) for _, live, visual in self.prefill_layers])
 
     def kept_positions(self, layer: int) -> list[torch.Tensor]:
@@ -55,10 +58,13 @@ class RunStats:
 
     def layer_average(self) -> torch.Tensor:
         """(B,) layer-averaged visual tokens: the budget papers compare at."""
+        if not self.prefill_layers:
+            return torch.zeros(self.batch_size, dtype=torch.double)
         return self.prefill_visual().double().mean(0)
 
     def layer_average_mean(self) -> float:
-        return float(self.layer_average().mean())
+        average = self.layer_average()
+        return float(average.mean()) if average.numel() else 0.0
 
     def kv_ratio_prefill(self) -> float:
         return sum(self.kv_bytes_prefill) / max(1, sum(self.kv_bytes_unpruned_prefill))
@@ -99,11 +105,11 @@ class RunStats:
             "method": self.method,
             "settings": self.settings,
             "batch_size": self.batch_size,
-            "visual_in": self.visual_in.double().mean().item(),
+            "visual_in": self.visual_in.double().mean().item() if self.visual_in.numel() else 0.0,
             "prefill_visual_per_layer": self.prefill_visual().double().mean(1).tolist(),
             "layer_average_visual": self.layer_average_mean(),
-            "cache_visual_after_prefill": self.cache_visual_prefill.double().mean(1).tolist(),
-            "cache_visual_final": self.cache_visual_final.double().mean(1).tolist(),
+            "cache_visual_after_prefill": _layer_means(self.cache_visual_prefill),
+            "cache_visual_final": _layer_means(self.cache_visual_final),
             "kv_bytes_after_prefill": sum(self.kv_bytes_prefill),
             "kv_bytes_after_prefill_unpruned": sum(self.kv_bytes_unpruned_prefill),
             "kv_bytes_final": sum(self.kv_bytes_final),
@@ -114,3 +120,19 @@ class RunStats:
             "vision_tokens_per_layer": self.vision_tokens,
             **self.extra,
         }
+
+
+def _layer_means(counts: torch.Tensor | None) -> list[float]:
+    return [] if counts is None else counts.double().mean(1).tolist()
+
+
+def empty_stats(method, batch_size: int = 0, prompt_len: int = 0) -> RunStats:
+    """Statistics of a run in which nothing was trimmed (no visual token in the prompt, or no run
+    yet): a valid, empty summary."""
+    return RunStats(
+        method=method.name,
+        settings=method.settings(),
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        visual_in=torch.zeros(batch_size, dtype=torch.long),
+    )
