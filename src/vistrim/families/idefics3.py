@@ -49,6 +49,12 @@ class Idefics3(Family):
     def language_model(self):
         return self.core.text_model
 
+    def vision_sequences(self, inputs: dict) -> int:
+        """Tiles and global images the tower runs: pixel_values (B, images, C, H, W) is padded with
+        all-zero images, which the model skips."""
+        pixels = inputs.get("pixel_values")
+        return 0 if pixels is None else int((pixels != 0).flatten(2).any(-1).sum())
+
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa", *, smolvlm: bool = False):
         """Idefics3 (or SmolVLM with ``smolvlm=True``): 4 Llama decoder layers (GQA 4/2), a 2-layer
