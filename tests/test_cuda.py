@@ -15,6 +15,7 @@ from test_families import (
     KEEP_ALL,
     PRUNING,
     QUESTIONS,
+    REQUIRES,
     VARIANTS,
     encode,
     excluded_per_layer,
@@ -48,6 +49,9 @@ def cuda_variant(request):
     name, backend, dtype = request.param
     if backend.startswith("flash") and dtype == "float32":
         pytest.skip("FlashAttention needs half precision")
+    missing = [module for module in REQUIRES[name] if importlib.util.find_spec(module) is None]
+    if missing:
+        pytest.skip(f"{name}: its tiny builder needs {', '.join(missing)}")
     model, processor = VARIANTS[name](seed=0, attn_implementation=backend)
     dtype = getattr(torch, dtype)
     model = model.to("cuda", dtype)
