@@ -4,10 +4,10 @@ tiles, a pixel-shuffle SwiGLU projector and a Cohere language model.
 - Visual tokens: every ``<|IMG_PATCH|>`` placeholder (``image_token_index``). An image is cut
   into tiles plus a global one, each headed by ``TILE_i`` / ``TILE_GLOBAL`` and the whole image
   wrapped in ``<|START_OF_IMG|>`` / ``<|END_OF_IMG|>``: text tokens, never dropped.
-- Language model: Cohere (aya-vision-32b's Aya Expanse: full attention, interleaved rotary
-  embeddings, parallel attention and MLP, optional q/k norms) fits the defaults. Cohere 2
-  (aya-vision-8b's Command R7B) is refused at ``trim()``: its sliding-window layers alternate with
-  global layers that use no rotary positions.
+- Language model: a Cohere one (``text_config.model_type == "cohere"``: full attention,
+  interleaved rotary embeddings, parallel attention and MLP, optional q/k norms) fits the
+  defaults. Cohere 2 (the Command R7B architecture, the config's default) is refused at
+  ``trim()``: its sliding-window layers alternate with global layers that use no rotary positions.
 - Vision stage: refused. The projector reads a pixel shuffle of each tile's full patch grid,
   which a window merge inside the tower breaks.
 - FLOPs: decoder only (tiles per image and the shuffled projector are not in bench's formulas).
