@@ -356,3 +356,44 @@ def test_presets_and_model_checks(tiny):
         vistrim.apply(tiny[0], "mustdrop", key_layer=0)
     with pytest.raises(vistrim.VistrimError, match="mustdrop.merge_layer"):
         vistrim.apply(tiny[0], "mustdrop", merge_layer=2)
+
+
+def test_llava_with_a_tower_without_cls_skips_or_refuses_the_vision_stage():
+    """A LLaVA whose tower has no CLS token (SigLIP): vision=auto runs the language-model stages,
+    vision=true is refused in one line; the model is left untouched."""
+    from conftest import no_hooks
+    from transformers import SiglipVisionConfig
+
+    from vistrim.models.tiny import build_processor, llava_from_configs
+
+    processor = build_processor(32, 4)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+    )
+    model = llava_from_configs(
+        processor,
+        vision,
+        0,
+        "sdpa",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model.config.vision_feature_select_strategy = "full"
+    processor.num_additional_image_tokens = 0
+    processor.vision_feature_select_strategy = "full"
+    inputs = processor(images=shape_images(1), text=PROMPTS[:1], return_tensors="pt")
+    with vistrim.trim(model, "mustdrop", budget=0.3) as session:
+        greedy(model, inputs, n=2)
+    assert session.stats.extra["mustdrop_vision_stage"] is False
+    assert session.stats.layer_average_mean() < session.stats.visual_in.double().mean()
+    with pytest.raises(vistrim.VistrimError, match="CLIP-like tower") as info:
+        vistrim.apply(model, "mustdrop", vision=True)
+    assert "\n" not in str(info.value) and no_hooks(model)

@@ -269,9 +269,14 @@ class Family:
         previous state, None if only masked); keep state outside the layers in step."""
 
     # ------------------------------------------------------------------ vision stage
+    def vision_stage_refusal(self) -> str:
+        """Why this model's vision stage is refused ("" = supported): the family's reason, or one
+        the family finds in this model's configuration (e.g. a tower of another kind)."""
+        return self.vision_refusal
+
     def vision_tower(self) -> VisionTower:
         """The vision encoder for vision-stage methods, or a one-line refusal."""
-        raise VistrimError(f"{self.name}: the vision stage is not supported ({self.vision_refusal})")
+        raise VistrimError(f"{self.name}: the vision stage is not supported ({self.vision_stage_refusal()})")
 
     def encoded_features(self, inputs: dict, modality: str = "image") -> list[torch.Tensor] | None:
         """Per-image features ``generate`` encoded before prefill (``mm_encoder_outputs``)."""

@@ -29,14 +29,23 @@ class Llava(Family):
         tower = self.core.vision_tower
         return getattr(tower, "vision_model", tower)
 
+    def vision_stage_refusal(self) -> str:
+        config, tower = self.config, self.tower_model()
+        if not (hasattr(getattr(tower, "embeddings", None), "class_embedding") and hasattr(tower, "encoder")):
+            return f"it needs a CLIP-like tower with a CLS token, this model's is {type(tower).__name__}"
+        if config.vision_feature_select_strategy != "default":
+            return "it needs vision_feature_select_strategy='default'"
+        if feature_index(config.vision_feature_layer, config.vision_config.num_hidden_layers) is None:
+            return "it needs a single vision_feature_layer"
+        return ""
+
     def vision_tower(self) -> VisionTower:
+        refusal = self.vision_stage_refusal()
+        if refusal:
+            raise VistrimError(f"llava: the vision stage is not supported ({refusal})")
         config = self.config
         vision = config.vision_config
-        if config.vision_feature_select_strategy != "default":
-            raise VistrimError("llava: the vision stage needs vision_feature_select_strategy='default'")
         feature_layer = feature_index(config.vision_feature_layer, vision.num_hidden_layers)
-        if feature_layer is None:
-            raise VistrimError("llava: the vision stage needs a single vision_feature_layer")
         grid = vision.image_size // vision.patch_size
         return VisionTower(
             module=self.core.vision_tower,

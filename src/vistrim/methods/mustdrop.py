@@ -152,8 +152,9 @@ class MustDrop(Method):
     # ------------------------------------------------------------------ vision stage
     def install(self, session) -> None:
         family = session.adapter
-        wants_tower = self.vision is True or (self.vision == "auto" and not family.vision_refusal)
-        if not (wants_tower or (self._needs_keys() and not family.vision_refusal)):
+        refusal = family.vision_stage_refusal()
+        wants_tower = self.vision is True or (self.vision == "auto" and not refusal)
+        if not (wants_tower or (self._needs_keys() and not refusal)):
             return
         tower = family.vision_tower()  # a one-line refusal if the family has no vision stage
         self._bind_tower(tower)
