@@ -13,7 +13,7 @@ import torch
 
 from .errors import VistrimError
 from .methods import REGISTRY, Method, build  # noqa: F401  (re-exported)
-from .methods.base import resolve_budget
+from .methods.base import COUNTINGS, Counting, resolve_budget
 from .runtime.session import Session
 
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -25,12 +25,24 @@ def list_methods() -> dict[str, type[Method]]:
 
 
 def at_budget(
-    method: str | Method, budget: int | float, *, n_visual: int, num_layers: int, **settings
+    method: str | Method,
+    budget: int | float,
+    *,
+    n_visual: int,
+    num_layers: int,
+    counting: Counting = "processed",
+    **settings,
 ) -> Method:
     """``method`` (with ``settings`` fixed) configured so that its layer-averaged visual tokens in
-    prefill come closest to ``budget``: a float is a ratio of ``n_visual``, an int a count."""
+    prefill come closest to ``budget``: a float is a ratio of ``n_visual``, an int a count.
+
+    ``counting``: ``processed`` (default, vistrim's count: what each layer processes) or
+    ``post_cut`` (as MustDrop's and other released code logs it: a pruning layer counts the tokens
+    left after its cut), so that a "64" means what it means in the table it is compared with."""
+    if counting not in COUNTINGS:
+        raise VistrimError(f"counting={counting!r} is not one of {', '.join(COUNTINGS)}")
     base = build(method, **settings)
-    return base.at_budget(resolve_budget(budget, n_visual), n_visual, num_layers)
+    return base.at_budget(resolve_budget(budget, n_visual), n_visual, num_layers, counting)
 
 
 def apply(model: torch.nn.Module, method: str | Method = "none", **settings) -> Session:
