@@ -102,6 +102,8 @@ class ST3(ScorerMethod):
                 )
 
     def bind(self, geo) -> None:
+        if self.schedule not in ("linear", "cosine"):
+            return
         if self.depth_ref and self.end_layer > self.depth_ref:
             raise VistrimError(f"st3.end_layer={self.end_layer} is beyond depth_ref={self.depth_ref}")
         if not self.depth_ref and self.end_layer > geo.num_layers:
