@@ -169,3 +169,15 @@ def test_mustdrop_budget_counted_post_cut(tiny):
             model(**shapes)
     assert (session.stats.layer_average("post_cut") - 20).abs().max() <= 1.0
     assert (session.stats.layer_average() > session.stats.layer_average("post_cut")).all()
+
+
+def test_bench_budgets_may_be_counted_post_cut():
+    from vistrim.bench.specs import build_configs, parse_budgets, parse_method_specs
+
+    budgets = parse_budgets("24:post_cut,24")
+    assert budgets == ["24:post_cut", 24]
+    rows = build_configs(parse_method_specs("fastv"), budgets, n_visual=64, num_layers=6)
+    assert [row.method.keep for row in rows] == [16, 4]  # post-cut (64 + 5*16)/6, processed (128 + 4*4)/6
+    for bad in ("24:paper", "default:post_cut"):
+        with pytest.raises(vistrim.VistrimError, match="bad budget"):
+            parse_budgets(bad)

@@ -190,7 +190,12 @@ def test_end_layer_beyond_depth(tiny):
             [576, 576, 576, 538, 500, 461, 423, 384, 346, 308, 269, 231, 192, 154, 116, 77, 39] + [0] * 13,
         ),
         # cosine K=0, E=4: (1 + cos(pi/4)) / 2 * 64 = 54.6 -> 55, 0.5 -> 32, 0.146 * 64 = 9.4 -> 10
-        ({"schedule": "cosine", "start_layer": 0, "end_layer": 4, "depth_ref": 0}, 64, 6, [64, 55, 32, 10, 0, 0]),
+        (
+            {"schedule": "cosine", "start_layer": 0, "end_layer": 4, "depth_ref": 0},
+            64,
+            6,
+            [64, 55, 32, 10, 0, 0],
+        ),
         # stride: cuts after layers 1, 3, 5 (and 7, which no layer follows), each halving
         (
             {"schedule": "stride", "start_layer": 1, "stride": 2, "prune_ratio": 0.5, "depth_ref": 0},
@@ -207,7 +212,14 @@ def test_end_layer_beyond_depth(tiny):
         ),
         # stride with a floor: 1, 0.5, 0.25, then 0.2 instead of 0.125: ceil(12.8) = 13
         (
-            {"schedule": "stride", "start_layer": 0, "stride": 1, "prune_ratio": 0.5, "min_ratio": 0.2, "depth_ref": 0},
+            {
+                "schedule": "stride",
+                "start_layer": 0,
+                "stride": 1,
+                "prune_ratio": 0.5,
+                "min_ratio": 0.2,
+                "depth_ref": 0,
+            },
             64,
             6,
             [64, 32, 16, 13, 13, 13],

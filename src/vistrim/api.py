@@ -30,7 +30,7 @@ def at_budget(
     *,
     n_visual: int,
     num_layers: int,
-    counting: Counting = "processed",
+    counting: Counting | None = None,
     **settings,
 ) -> Method:
     """``method`` (with ``settings`` fixed) configured so that its layer-averaged visual tokens in
@@ -38,10 +38,13 @@ def at_budget(
 
     ``counting``: ``processed`` (default, vistrim's count: what each layer processes) or
     ``post_cut`` (as MustDrop's and other released code logs it: a pruning layer counts the tokens
-    left after its cut), so that a "64" means what it means in the table it is compared with."""
+    left after its cut), so that a "64" means what it means in the table it is compared with;
+    by default the method's own ``counting`` setting where it has one (MustDrop), else ``processed``."""
+    base = build(method, **settings)
+    if counting is None:
+        counting = getattr(base, "counting", "processed")
     if counting not in COUNTINGS:
         raise VistrimError(f"counting={counting!r} is not one of {', '.join(COUNTINGS)}")
-    base = build(method, **settings)
     return base.at_budget(resolve_budget(budget, n_visual), n_visual, num_layers, counting)
 
 

@@ -174,10 +174,11 @@ TIMING_COLUMNS = ("method", "budget", "tokens", "post-cut", "prefill x", "e2e x"
 TIMING_COLUMNS += ("FLOPs", "eff.", "KV pre", "KV end", "overhead")
 LEGEND = (
     "tokens: layer-averaged visual tokens reached in prefill (what each layer processes). post-cut: the "
-    "same average counted as released code logs it (a pruning layer counts its survivors). x: speed-up vs unpruned, median of repeats "
-    "paired with the unpruned run before them (prefill = time to first token; token = median time per "
-    "output token). FLOPs: prefill FLOPs / unpruned. eff.: prefill speed-up / (1 / FLOPs ratio). KV: cache "
-    "bytes / unpruned after prefill and at the end. overhead: time in method hooks / prefill time."
+    "same average counted as released code logs it (a pruning layer counts its survivors). "
+    "x: speed-up vs unpruned, median of repeats paired with the unpruned run before them "
+    "(prefill = time to first token; token = median time per output token). "
+    "FLOPs: prefill FLOPs / unpruned. eff.: prefill speed-up / (1 / FLOPs ratio). "
+    "KV: cache bytes / unpruned after prefill and at the end. overhead: time in method hooks / prefill time."
 )
 
 

@@ -20,7 +20,8 @@ from ..data.easyvqa import QTYPES, VQAItem, build_prompt, load_image, normalize_
 @dataclass
 class Answers:
     """Per item: the generated text, the first-token logits (float32, CPU) and the layer-averaged
-    visual tokens its prefill reached (also counted post-cut); per batch: the run statistics' summary (None unpruned)."""
+    visual tokens its prefill reached (also counted post-cut); per batch: the run statistics'
+    summary (None unpruned)."""
 
     texts: list[str] = field(default_factory=list)
     first_logits: list[torch.Tensor] = field(default_factory=list)

@@ -237,7 +237,9 @@ class Family:
         q = q.transpose(1, 2)
         return self._rope(q, q, cos, sin)[0]
 
-    def key_rows(self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def key_rows(
+        self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         """Rotated keys (B, Hkv, n, d) of ``layer`` for the hidden-state rows (B, n, D) given (its
         ``k_norm`` applied where it has one), as the layer's attention would compute them: for
         ranking with a layer that has not run yet (PyramidDrop's released rule). Families that

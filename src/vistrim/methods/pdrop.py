@@ -85,4 +85,3 @@ def official_count(initial: int, ratio: float, stage: int) -> int:
     """int(N * lambda^s), as the released code computes it from a written list of ratios (the
     guard keeps 0.3**2 * 100 at 9, as a written 0.09 gives)."""
     return int(initial * ratio**stage + 1e-9)
-

@@ -15,6 +15,7 @@ from ..ops.select import budget_counts, ratio_count
 from .base import Budget, Counting, Ratio, layer_average, register, scale_layer, solve_increasing
 from .scorer import ScorerMethod
 
+
 @register
 @dataclass
 class ST3(ScorerMethod):
@@ -123,7 +124,9 @@ class ST3(ScorerMethod):
         if self.schedule == "stride":
             depth = self.depth_ref or num_layers
             cuts = [scale(at) for at in range(self.start_layer, depth, self.stride)]
-            return [stride_ratio(layer, cuts, self.prune_ratio, self.min_ratio) for layer in range(num_layers)]
+            return [
+                stride_ratio(layer, cuts, self.prune_ratio, self.min_ratio) for layer in range(num_layers)
+            ]
         steps = [(scale(layer), ratio) for layer, ratio in self.steps]
         return [
             layer_ratio(
@@ -171,7 +174,9 @@ class ST3(ScorerMethod):
             start -= 1
         if average(start_layer=start, end_layer=end, min_ratio=0.0) > target:
             fitting = [
-                e for e in range(start, end + 1) if average(start_layer=start, end_layer=e, min_ratio=0.0) <= target
+                e
+                for e in range(start, end + 1)
+                if average(start_layer=start, end_layer=e, min_ratio=0.0) <= target
             ]
             end = max(fitting) if fitting else start
         min_ratio = solve_increasing(
