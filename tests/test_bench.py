@@ -71,6 +71,10 @@ def test_timing_from_stamps_and_spread():
     assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
 
 
+def raw_configs(document: dict) -> list[dict]:
+    return document["raw"]["configs"]
+
+
 def fake_raw(base_prefill, method_prefill, layer_tokens) -> dict:
     """Raw records of one configuration on a 2-layer model with a 10-token prompt (4 visual)."""
 
@@ -187,8 +191,15 @@ def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):
     assert [r["label"] for r in rows] == ["unpruned", "fastv", "fastv", "st3", "st3"]
     for row in rows:
         assert set(SCHEMA["row"]) <= set(row), set(SCHEMA["row"]) - set(row)
-    assert rows[1]["settings"] == {"layer": 1, "keep": 13} and rows[4]["budgets"] == [0.11]
-    assert rows[2]["settings"] == {"layer": 1, "keep": 0}
+    assert rows[1]["settings"] == {"layer": 1, "keep": 13, "rounding": "ceil"} and rows[4]["budgets"] == [
+        0.11
+    ]
+    assert [entry["name"] for entry in raw_configs(document)[0]["settings_schema"]] == [
+        "layer",
+        "keep",
+        "rounding",
+    ]
+    assert rows[2]["settings"] == {"layer": 1, "keep": 0, "rounding": "ceil"}
     runs = document["raw"]["timing"]["runs"]
     assert len(runs) == len(rows) and all(len(r) == 2 for r in runs)  # --quick: two repeats
     assert all(len(run["timing"]["steps"]) == 4 for config in runs for run in config)

@@ -39,10 +39,21 @@ def ceil_count(n, ratio):
 @pytest.mark.parametrize(
     ("settings", "start", "end"),
     [
-        ({"start_layer": 1, "end_layer": 5, "min_ratio": 0.1, "depth_ref": 0}, 1, 5),
+        ({"start_layer": 1, "end_layer": 5, "min_ratio": 0.1, "depth_ref": 0, "schedule": "linear"}, 1, 5),
         ({"start_layer": 0, "end_layer": 4, "min_ratio": 0.0, "schedule": "cosine", "depth_ref": 0}, 0, 4),
-        ({"start_layer": 2, "end_layer": 3, "min_ratio": 0.25, "depth_ref": 0, "queries": "text"}, 2, 3),
-        ({}, 0, 3),  # defaults: K=2, E=18 of 32 layers -> 0 and 3 of 6
+        (
+            {
+                "start_layer": 2,
+                "end_layer": 3,
+                "min_ratio": 0.25,
+                "depth_ref": 0,
+                "queries": "text",
+                "schedule": "linear",
+            },
+            2,
+            3,
+        ),
+        ({"schedule": "linear"}, 0, 3),  # K=2, E=18 of 32 layers -> 0 and 3 of 6
     ],
 )
 def test_prefill_counts_follow_schedule(tiny, batch, settings, start, end):
@@ -66,7 +77,7 @@ def test_step_schedule_and_depth_scaling():
             model(**inputs)
     assert session.stats.prefill_visual()[:, 0].tolist() == [64, 64, 64, 32, 32, 8, 8, 8, 8, 8]
     # a linear schedule given for 32 layers: K=2 -> 1 (0.625 rounds up), E=18 -> 6 (5.625 rounds up)
-    with vistrim.trim(model, "st3", vta=False, min_ratio=0.0) as session, torch.no_grad():
+    with vistrim.trim(model, "st3", vta=False, schedule="linear") as session, torch.no_grad():
         model(**inputs)
     expected = [ceil_count(64, spec_ratio(layer, 1, 6, 0.0, "linear")) for layer in range(10)]
     assert session.stats.prefill_visual()[:, 0].tolist() == expected
@@ -172,9 +183,9 @@ def test_every_field_is_validated(settings, message):
 
 def test_end_layer_beyond_depth(tiny):
     with pytest.raises(vistrim.VistrimError, match="beyond"):
-        vistrim.apply(tiny[0], "st3", end_layer=40)
+        vistrim.apply(tiny[0], "st3", schedule="linear", end_layer=40)
     with pytest.raises(vistrim.VistrimError, match="beyond the model"):
-        vistrim.apply(tiny[0], "st3", depth_ref=0, end_layer=9)
+        vistrim.apply(tiny[0], "st3", schedule="linear", depth_ref=0, end_layer=9)
 
 
 # ---------------------------------------------------------------------- literal schedules
@@ -188,6 +199,15 @@ def test_end_layer_beyond_depth(tiny):
             576,
             30,
             [576, 576, 576, 538, 500, 461, 423, 384, 346, 308, 269, 231, 192, 154, 116, 77, 39] + [0] * 13,
+        ),
+        # the defaults (stride: K=2, S=2, R=0.2 of 32) on 30 layers: cuts after 2, 4, 6, 8, 9, 11, ...
+        # (32-layer cuts 2, 4, ..., 30 scaled by 30/32), 576 * 0.8 = 460.8 -> 461, * 0.64 -> 369, ...
+        (
+            {},
+            576,
+            30,
+            [576, 576, 576, 461, 461, 369, 369, 295, 295, 236, 189, 189, 151, 151, 121]
+            + [121, 97, 97, 78, 78, 62, 62, 50, 50, 40, 32, 32, 26, 26, 21],
         ),
         # cosine K=0, E=4: (1 + cos(pi/4)) / 2 * 64 = 54.6 -> 55, 0.5 -> 32, 0.146 * 64 = 9.4 -> 10
         (
