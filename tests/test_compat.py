@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import re
+import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from conftest import encode, greedy, run_cli
 from packaging.specifiers import SpecifierSet

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import VistrimError
-from .common import add_model_args
+from .common import add_model_args, check_output_dir
 
 # (full run, --quick); the quick run keeps the shape of the full one at a fraction of its cost.
 DEFAULTS = {
@@ -46,6 +46,15 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_threads(threads: int) -> None:
+    """--threads: 1 to the number of logical CPUs (more only adds spinning threads)."""
+    cpus = os.cpu_count() or 1
+    if threads < 1:
+        raise VistrimError(f"--threads must be >= 1, got {threads}")
+    if threads > cpus:
+        raise VistrimError(f"--threads must be <= {cpus} (the logical CPUs), got {threads}")
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options from the full or quick defaults and check them."""
     pick = 1 if args.quick else 0
@@ -60,10 +69,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key in ("repeats", "new_tokens", "batch", "samples"):
         if getattr(args, key) < 1:
             raise VistrimError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    check_threads(args.threads)
     if args.new_tokens < 2:
         raise VistrimError("--new-tokens must be >= 2 (a time per output token needs two tokens)")
     args.labelled = labelled
-    args.out = Path(args.out or default_out(args.model))
+    args.out = check_output_dir(args.out or default_out(args.model), "--out")
     return args
 
 
@@ -73,12 +83,12 @@ def default_out(model: str) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    args = resolve(args)  # options and the output folder are checked before torch loads
     from rich.console import Console
 
     from ..bench.specs import default_method_specs, parse_budgets, parse_method_specs
     from ..bench.timing import set_threads
 
-    args = resolve(args)
     set_threads(args.threads)
     specs = parse_method_specs(args.methods or default_method_specs())
     budgets = parse_budgets(args.budgets)

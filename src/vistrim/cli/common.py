@@ -1,18 +1,19 @@
-"""Pieces shared by the CLI commands: one-line argument errors, settings, configs, model loading."""
+"""Pieces shared by the CLI commands: one-line argument errors, settings, configs, output paths.
+
+Importing this module loads neither torch nor transformers: a usage error is answered before they load.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import VistrimError
-from ..methods import Method, build
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,23 +61,102 @@ def parse_settings(pairs: list[str]) -> dict[str, str]:
 
 
 def load_config(path: str | None) -> dict:
+    """The TOML file's tables, each checked now: it must name a method, its keys must be that
+    method's settings and its values must fit them (a typo is an error, never silently ignored)."""
     if path is None:
         return {}
+    import tomllib
+
+    from ..io import read_text
+
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise VistrimError(f"config file not found: {file}")
+    text = read_text(file, "config file")
     try:
-        return tomllib.loads(file.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        config = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
         raise VistrimError(f"cannot read config {file}: {error}") from None
+    for name, table in config.items():
+        check_table(file, name, table)
+    return config
 
 
-def make_method(name: str, config: dict, overrides: dict[str, str]) -> Method:
-    """Defaults < the config file's [name] table < command-line overrides."""
-    table = config.get(name, {})
+def check_table(file: Path, name: str, table) -> None:
+    from ..methods import REGISTRY, build
+
     if not isinstance(table, dict):
-        raise VistrimError(f"config: [{name}] must be a table of settings")
-    return build(name, **{**table, **overrides})
+        raise VistrimError(
+            f"config {file}: {name!r} is not a [method-name] table (settings go inside a table like [fastv])"
+        )
+    if name not in REGISTRY:
+        raise VistrimError(f"config {file}: [{name}] is not a method{suggest(name, REGISTRY)}")
+    fields = [f.name for f in dataclasses.fields(REGISTRY[name])]
+    for key in table:
+        if key not in fields:
+            raise VistrimError(
+                f"config {file}: [{name}] has no setting {key!r}{suggest(key, fields)} "
+                f"(settings: {', '.join(fields) or 'none'})"
+            )
+    try:
+        build(name, **table)
+    except VistrimError as error:
+        raise VistrimError(f"config {file}: {error}") from None
+
+
+def suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (available: {', '.join(choices)})"
+
+
+def make_method(name: str, config: dict, overrides: dict[str, str]):
+    """Defaults < the config file's [name] table < command-line overrides."""
+    from ..methods import build
+
+    return build(name, **{**config.get(name, {}), **overrides})
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """``path`` can be written as a file (created or replaced): checked before any work starts."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise VistrimError(f"{option} {file} is a folder; give a file name")
+    if file.exists():
+        if not os.access(file, os.W_OK):
+            raise VistrimError(f"{option} {file}: the file is not writable")
+        return file
+    _check_writable_parent(file, option)
+    return file
+
+
+def check_output_dir(path: str | Path, option: str) -> Path:
+    """``path`` is, or can be created as, a writable folder: checked before any work starts."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise VistrimError(f"{option} {folder} is an existing file; give a folder for the results")
+    if folder.is_dir():
+        _probe(folder, folder, option)
+        return folder
+    _check_writable_parent(folder, option)
+    return folder
+
+
+def _check_writable_parent(path: Path, option: str) -> None:
+    """The nearest existing ancestor of ``path`` is a folder this process can create entries in."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise VistrimError(f"{option} {path}: {ancestor} is a file, not a folder")
+    _probe(ancestor, path, option)
+
+
+def _probe(folder: Path, path: Path, option: str) -> None:
+    """Create and delete a file in ``folder``: the only check that also holds for root, read-only
+    mounts and network file systems."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise VistrimError(f"{option} {path}: cannot write in {folder} ({error.strerror or error})") from None
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import VistrimError
-from .bench import add_threads_arg
-from .common import add_model_args
+from .bench import add_threads_arg, check_threads
+from .common import add_model_args, check_output_dir
 
 
 def add_eval_parser(commands) -> None:
@@ -43,6 +43,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise VistrimError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise VistrimError(f"--limit must be >= 1, got {args.limit}")
+    check_threads(args.threads)
     if args.max_new_tokens is None:
         args.max_new_tokens = 16 if args.fidelity else 2
     if args.max_new_tokens < 1:
@@ -52,17 +53,17 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if not args.fidelity and (args.images or args.prompts or args.prompt):
         raise VistrimError("--images/--prompts/--prompt belong to --fidelity mode")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
-    args.out = Path(args.out or f"results/eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.out = check_output_dir(args.out or f"results/eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     return args
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    args = check_args(args)  # options and the output folder are checked before torch loads
     from rich.console import Console
 
     from ..bench.specs import default_method_specs, parse_budgets, parse_method_specs
     from ..bench.timing import set_threads
 
-    args = check_args(args)
     set_threads(args.threads)
     specs = parse_method_specs(args.methods or default_method_specs(include_none=True, eager_mustdrop=False))
     budgets = parse_budgets(args.budgets or "0.33,0.22,0.11")

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import torch
 from rich.console import Console
 
-from ..api import trim
 from ..errors import VistrimError
-from ..io import load_image
-from ..models import load_model
-from .common import human_bytes, load_config, make_method, parse_settings
+from .common import check_output_file, human_bytes, load_config, make_method, parse_settings
 
 
 def build_inputs(processor, image, prompt: str):
@@ -32,13 +27,24 @@ def build_inputs(processor, image, prompt: str):
 
 
 def run_run(args) -> int:
-    console = Console()
+    # Everything a user typed or points at is checked before torch, transformers or the model load.
     if not args.prompt.strip():
         raise VistrimError("the prompt is empty")
-    image = load_image(args.image)
-    method = make_method(args.method, load_config(args.config), parse_settings(args.settings))
     if args.max_new_tokens < 1:
         raise VistrimError("--max-new-tokens must be >= 1")
+    out = check_output_file(args.json, "--json") if args.json else None
+    from ..io import load_image
+
+    image = load_image(args.image)
+    config = load_config(args.config)
+    method = make_method(args.method, config, parse_settings(args.settings))
+
+    import torch
+
+    from ..api import trim
+    from ..models import load_model
+
+    console = Console()
     with console.status(f"loading {args.model} ..."):
         model, processor = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
     inputs = build_inputs(processor, image, args.prompt).to(args.device)
@@ -48,9 +54,9 @@ def run_run(args) -> int:
     answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     summary = session.stats.summary()
     report(console, answer.strip(), method, summary)
-    if args.json:
+    if out is not None:
         record = {"model": args.model, "answer": answer, **summary, "settings_schema": method.schema()}
-        Path(args.json).write_text(json.dumps(record, indent=2))
+        out.write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import VistrimError
+from ..io import read_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -65,10 +66,7 @@ def read_prompts(file: str | None, text: str | None) -> list[str]:
     """Prompts from a file (one per line, blank lines skipped) and/or one ``--prompt``."""
     prompts = [text] if text and text.strip() else []
     if file is not None:
-        path = Path(file).expanduser()
-        if not path.is_file():
-            raise VistrimError(f"prompts file not found: {path}")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += [line.strip() for line in read_text(file, "prompts file").splitlines() if line.strip()]
     if not prompts:
         raise VistrimError("no prompt: give --prompt TEXT or --prompts FILE with one prompt per line")
     return prompts

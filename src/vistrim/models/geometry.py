@@ -183,8 +183,8 @@ def _load_smollm2() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_FILE, trust_remote_code=False)
     with torch.device("meta"):  # only for the GGUF -> HF tensor-name map
         skeleton = LlamaForCausalLM(config)
     parsed = load_gguf_checkpoint(str(folder / GGUF_FILE), return_tensors=True, model_to_load=skeleton)

@@ -43,26 +43,32 @@ def image_only(cls: type, **parts):
 
 
 def load_processor(source: str, local_files_only: bool):
-    """``AutoProcessor.from_pretrained``; where that fails only because video processors need
-    torchvision, the same processor class assembled from the folder's tokenizer, image processor
-    and chat template (images only)."""
+    """``AutoProcessor.from_pretrained`` (never running code from the folder); where that fails
+    only because video processors need torchvision, the same processor class assembled from the
+    folder's tokenizer, image processor and chat template (images only)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import processor_class_from_name
 
     try:
-        return AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
+        return AutoProcessor.from_pretrained(
+            source, local_files_only=local_files_only, trust_remote_code=False
+        )
     except (ImportError, AttributeError, TypeError, ValueError, OSError) as error:
         if video_processors_available():
             raise
         original = error
-    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only, trust_remote_code=False)
     name = _processor_class_name(source, config)
     cls = processor_class_from_name(name) if name else None
     if cls is None:
-        raise VistrimError(f"cannot build the processor of {source}: {original}") from None
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        from . import _first_line
+
+        raise VistrimError(f"cannot build the processor of {source}: {_first_line(original)}") from None
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, local_files_only=local_files_only, trust_remote_code=False
+    )
     image_processor = AutoImageProcessor.from_pretrained(
-        source, local_files_only=local_files_only, backend="pil"
+        source, local_files_only=local_files_only, trust_remote_code=False, backend="pil"
     )
     template = Path(source, "chat_template.jinja")
     chat_template = template.read_text() if template.is_file() else getattr(tokenizer, "chat_template", None)

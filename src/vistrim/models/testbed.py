@@ -102,5 +102,5 @@ def load_testbed(
     model = LlavaForConditionalGeneration.from_pretrained(
         TESTBED_DIR, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )
-    processor = AutoProcessor.from_pretrained(TESTBED_DIR, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(TESTBED_DIR, local_files_only=True, trust_remote_code=False)
     return model.to(device).eval(), processor

@@ -16,7 +16,8 @@ def budget_counts(budget: int | float, available: torch.Tensor) -> torch.Tensor:
     if isinstance(budget, float):
         counts = torch.ceil(available.double() * budget - 1e-9).long()
     else:
-        counts = torch.full_like(available, int(budget))
+        # a count beyond int64 (keep=10**30) means "all of them", like any count above ``available``
+        counts = torch.full_like(available, min(int(budget), torch.iinfo(available.dtype).max))
     return torch.minimum(counts.clamp(min=0), available)
 
 
