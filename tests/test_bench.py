@@ -222,9 +222,26 @@ def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):
         (["--budgets", "0"], "bad budget '0'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--new-tokens", "1"], "--max-new-tokens must be >= 2"),
+        (["--methods", "fastv", "--set", "pdrop.ratio=0.5"], "'pdrop' is not among the selected methods"),
+        (["--methods", "fastv", "--set", "nosuch=1"], "no selected method has a setting 'nosuch'"),
+        (["--methods", "fastv", "--set", "fastv.kep=1"], "did you mean 'keep'"),
+        (["--methods", "fastv,random", "--set", "keep=lots"], "fastv.keep"),
     ],
 )
 def test_bench_bad_input_is_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, "bench", "--model", "tiny", *argv)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_is_callable_from_python(tiny, tmp_path):
+    from vistrim.bench.suite import BenchPlan, bench, write_outputs
+
+    model, processor = tiny
+    plan = BenchPlan.resolve("tiny", budgets="0.5", repeats=1, max_new_tokens=2, samples=2)
+    document, rows = bench(model, processor, "fastv", plan)
+    assert [r["label"] for r in rows] == ["unpruned", "fastv"] and rows[1]["budgets"] == [0.5]
+    assert document["settings"]["options"]["repeats"] == 1
+    write_outputs(document, rows, plan, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["rows"][1]["label"] == "fastv"

@@ -254,3 +254,19 @@ def test_run_mustdrop_and_st3_report_their_stages(capsys, saved_tiny, tmp_path):
     )
     assert code == 0, err
     assert "64 52 33 17 9 6" in out and "in the cache after decoding: 0 0 0 0 0 0" in out
+
+
+def test_the_same_option_has_the_same_name_on_every_command():
+    from vistrim.cli.main import build_parser
+
+    parser = build_parser()
+    for command in (["bench"], ["eval"]):
+        short = parser.parse_args([*command, "--batch", "3", "--samples", "4", "--new-tokens", "5"])
+        long = parser.parse_args([*command, "--batch-size", "3", "--limit", "4", "--max-new-tokens", "5"])
+        assert vars(short) == vars(long)
+        assert short.batch_size == 3 and short.max_new_tokens == 5
+    run = ["run", "--image", "x.png", "--prompt", "q"]
+    assert parser.parse_args([*run, "--new-tokens", "7"]).max_new_tokens == 7
+    for command in ("run", "bench", "eval"):
+        options = parser.parse_args([command, *(run[1:] if command == "run" else []), "--set", "a=1"])
+        assert options.settings == ["a=1"] and options.config is None

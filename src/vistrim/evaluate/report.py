@@ -8,13 +8,8 @@ from rich.table import Table
 
 
 def post_cut(row: dict) -> float:
-    """A row's layer-averaged visual tokens counted post-cut (as released code logs them), from its
-    per-batch statistics (the unpruned row: the plain average)."""
-    batches = [b for b in row.get("batch_stats") or [] if b]
-    if not batches:
-        return row["layer_average_visual"]
-    total = sum(b["batch_size"] for b in batches)
-    return sum(b["layer_average_visual_post_cut"] * b["batch_size"] for b in batches) / max(1, total)
+    """A row's layer-averaged visual tokens counted post-cut (as released code logs them)."""
+    return row.get("layer_average_visual_post_cut", row["layer_average_visual"])
 
 
 def pct(value) -> str:
