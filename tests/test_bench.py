@@ -96,7 +96,12 @@ def fake_raw(base_prefill, method_prefill, layer_tokens) -> dict:
         r["kv_bytes_final_read"] = [100, 60]
     no_answers = {"layer_average_visual": 4.0, "fidelity": {"identical": 1.0, "kl_first_token": 0.0}}
     return {
-        "workload": {"prompt_tokens": [10], "visual_tokens": [4], "images_per_sample": 1.0},
+        "workload": {
+            "prompt_tokens": [10],
+            "visual_tokens": [4],
+            "images_per_sample": 1.0,
+            "tower_sequences_per_sample": 1.0,
+        },
         "configs": [{"label": "m", "method": "m", "budgets": [0.5], "settings": {}}],
         "unpruned_kv_prefill": [80, 80],
         "timing": {"runs": [[run(p) for p in base_prefill], method_runs], "peak_memory": [1, 2]},

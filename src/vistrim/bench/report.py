@@ -53,7 +53,7 @@ def unpruned_flops(shape: FlopsShape, workload: dict, num_layers: int) -> dict:
     """Every decoder layer sees the whole prompt; the tower sees every patch (per-sample mean)."""
     tokens = statistics.mean(workload["prompt_tokens"])
     visual = statistics.mean(workload["visual_tokens"])
-    return prefill_flops(shape, [tokens] * num_layers, visual, workload["images_per_sample"])
+    return prefill_flops(shape, [tokens] * num_layers, visual, workload["tower_sequences_per_sample"])
 
 
 def config_flops(shape: FlopsShape, workload: dict, stats: dict) -> dict:
@@ -64,7 +64,11 @@ def config_flops(shape: FlopsShape, workload: dict, stats: dict) -> dict:
         summary["visual_in"] if stats["vision_tokens"] is None else summary["prefill_visual_per_layer"][0]
     )
     return prefill_flops(
-        shape, stats["layer_tokens"], projected, workload["images_per_sample"], stats["vision_tokens"]
+        shape,
+        stats["layer_tokens"],
+        projected,
+        workload["tower_sequences_per_sample"],
+        stats["vision_tokens"],
     )
 
 

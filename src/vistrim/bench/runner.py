@@ -45,6 +45,8 @@ def cache_bytes(cache) -> list[int]:
 
 def workload(model, processor, items: Sequence[VQAItem], batch: int) -> tuple[dict, dict]:
     """Timing inputs (the first ``batch`` items) and their geometry."""
+    from ..families import family_for
+
     images, questions = item_batches(items[:batch], batch)[0]
     inputs = encode(processor, images, questions, model)
     info = {
@@ -53,6 +55,8 @@ def workload(model, processor, items: Sequence[VQAItem], batch: int) -> tuple[di
         "padded_length": int(inputs["input_ids"].shape[1]),
         "visual_tokens": visual_counts(model, inputs).tolist(),
         "images_per_sample": inputs["pixel_values"].shape[0] / batch,
+        # what the tower runs: one sequence per image, per tile (anyres families) or per frame
+        "tower_sequences_per_sample": family_for(model).vision_sequences(dict(inputs)) / batch,
         "questions": questions,
     }
     return inputs, info

@@ -287,6 +287,12 @@ class Family:
         return None if encoded is None else list(encoded.pooler_output)
 
     # ------------------------------------------------------------------ measurement
+    def vision_sequences(self, inputs: dict) -> int:
+        """Sequences the vision tower runs for ``inputs`` (one per image here; families that cut an
+        image into tiles or take video frames count those), for bench's FLOPs."""
+        pixels = inputs.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[0])
+
     def flops_shape(self):
         """The widths ``bench``'s FLOPs formulas need (``bench.flops.FlopsShape``)."""
         from ..bench.flops import FlopsShape

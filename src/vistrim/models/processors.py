@@ -26,11 +26,26 @@ def video_processors_available() -> bool:
 
 @functools.cache
 def _image_only_class(cls: type) -> type:
+    from transformers import ProcessorMixin
+
+    every = cls.get_attributes()
+    kept = [name for name in every if name != "video_processor"]
+
+    class Parts(ProcessorMixin):
+        """Between the family's class and ProcessorMixin: the family's ``__init__`` hands its parts
+        on positionally in its own order (video processor included, maybe first)."""
+
+        def __init__(self, *args, **kwargs):
+            named = dict(zip(every, args))
+            named.pop("video_processor", None)
+            kwargs.pop("video_processor", None)
+            super().__init__(**named, **kwargs)
+
     def get_attributes(subclass):
-        return [name for name in cls.get_attributes() if name != "video_processor"]
+        return kept
 
     # Same name, so what it saves names the family's own class.
-    return type(cls.__name__, (cls,), {"get_attributes": classmethod(get_attributes)})
+    return type(cls.__name__, (cls, Parts), {"get_attributes": classmethod(get_attributes)})
 
 
 def image_only(cls: type, **parts):
@@ -72,7 +87,25 @@ def load_processor(source: str, local_files_only: bool):
     )
     template = Path(source, "chat_template.jinja")
     chat_template = template.read_text() if template.is_file() else getattr(tokenizer, "chat_template", None)
-    return image_only(cls, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    settings = _saved_settings(source, cls)
+    return image_only(
+        cls, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings
+    )
+
+
+def _saved_settings(source: str, cls: type) -> dict:
+    """The processor's own settings saved with it (patch_size, num_image_tokens, ...): the entries of
+    processor_config.json that name a parameter of the class, other than its parts."""
+    import inspect
+    import json
+
+    path = Path(source, "processor_config.json")
+    if not path.is_file():
+        return {}
+    parameters = inspect.signature(cls.__init__).parameters
+    parts = {*cls.get_attributes(), "chat_template"}
+    saved = json.loads(path.read_text())
+    return {key: value for key, value in saved.items() if key in parameters and key not in parts}
 
 
 def _processor_class_name(source: str, config) -> str | None:

@@ -1,0 +1,307 @@
+"""LLaVA-NeXT (1.6) and LLaVA-NeXT-Video: ``LlavaNextForConditionalGeneration`` / ``LlavaNextModel``
+and ``LlavaNextVideoForConditionalGeneration`` / ``LlavaNextVideoModel`` (CLIP tower with a CLS token,
+anyres tiles, a Llama-shaped language model: Vicuna, Mistral without sliding window, Llama 3, Qwen).
+
+- Visual tokens: the ``image_token_id`` (and ``video_token_id``) placeholders. An image is cut into
+  tiles (the whole image resized, then the tiles of the best ``image_grid_pinpoints`` resolution),
+  each one CLIP sequence; after the projector the core packs them (``pack_image_features``): the
+  base tile, then the other tiles as one patch grid, unpadded to the image's aspect ratio, with the
+  learned ``image_newline`` embedding after each grid row. The newline rows sit at image-token
+  positions but are not patches: they are ``Layout.protected`` (kept like text, not counted as
+  visual, never dropped).
+- Videos (NeXT-Video): each frame is one CLIP sequence, pooled 2x2 (``vision_resampler``) and
+  projected; every video token is prunable, budgets count image and video tokens together.
+- Vision stage (MustDrop's merge and key set): refused. A merge inside one tile's CLIP sequence is
+  well defined, but its result must then go through the packing: unpadding crops the tile grid at
+  rows or columns that can cut through a merge window, the newline rows interleave, and the
+  language model reads the packed order. The runtime's vision stage pads every tile back to its
+  patch count, which the packing would place as if they were patches (silently wrong), and
+  ``generate`` encodes images before prefill and drops ``image_sizes``, so at prefill nothing maps
+  a tile's merged tokens to placeholders by index. The released MustDrop code flattens the crops
+  (no unpadding, no newlines): a different input than the model's, so keep-all would no longer
+  be the unpatched model. MustDrop still runs its prefill filter and output-aware cache
+  (``vision="auto"``); ``vision=true`` is refused with ``vision_refusal``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..errors import VistrimError
+from .base import Family, Layout, register
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n"
+    "{% else %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+# Tiny models: 16x16 tiles of 4x4 patches; an image is a base tile plus up to 2x2 tiles.
+TINY_TILE, TINY_PATCH = 16, 4
+TINY_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+@register
+class LlavaNext(Family):
+    name = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    protected_tokens = (
+        "image_newline rows: the rows the core's pack_image_features appends after each row of an "
+        "image's tile grid (OneVision: also after each video), found from the model's own packing "
+        "(pack_image_features run on a probe with the prompt's image_sizes, or the encoded features "
+        "equal to image_newline when generate encoded the images before prefill)"
+    )
+    vision_refusal = (
+        "the core packs the tiles after the projector (unpadded to the image's aspect ratio, which can "
+        "cut through a merge window, a newline after each grid row) and generate drops image_sizes before "
+        "prefill, so tokens merged inside a tile have no exact place among the placeholders; set vision=false"
+    )
+
+    # ------------------------------------------------------------------ visual tokens
+    def layout(self, input_ids: torch.Tensor, inputs: dict) -> Layout:
+        """Image and video placeholders; the newline rows among them are protected. Each image or
+        video is one item, split by the lengths its features have (the order the core scatters
+        them in), so adjacent images stay apart."""
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        protected = torch.zeros_like(visual)
+        starts = torch.zeros_like(visual)
+        for modality, token_id in self._modalities():
+            placeholder = input_ids == token_id
+            if not bool(placeholder.any()):
+                continue
+            newlines = self._newlines(modality, inputs, int(placeholder.sum()))
+            flags, first = self._place(placeholder, newlines, modality)
+            visual |= placeholder & ~flags
+            protected |= flags
+            starts |= first
+        item = torch.where(visual | protected, starts.long().cumsum(-1) - 1, -1)
+        return Layout(visual, protected, item)
+
+    def _modalities(self) -> list[tuple[str, int]]:
+        found = [(m, getattr(self.config, f"{m}_token_id", None)) for m in ("image", "video")]
+        return [(modality, int(token_id)) for modality, token_id in found if token_id is not None]
+
+    def _place(self, placeholder: torch.Tensor, newlines: list[torch.Tensor], modality: str):
+        """Newline flags (B, n) and first-entry flags (B, n) of the items whose per-item newline
+        flags are ``newlines``, laid over ``placeholder`` in row-major order (as the core scatters)."""
+        lengths = torch.tensor([len(n) for n in newlines], device=placeholder.device)
+        count = int(placeholder.sum())
+        if int(lengths.sum()) != count:
+            raise VistrimError(
+                f"{self.name}: the prompts hold {count} {modality} placeholders, but the "
+                f"{modality}s give {int(lengths.sum())} features"
+            )
+        rows, cols = placeholder.nonzero(as_tuple=True)
+        begin = lengths.cumsum(0) - lengths
+        last = begin + lengths - 1
+        if bool(((rows[begin] != rows[last]) | (cols[last] - cols[begin] + 1 != lengths)).any()):
+            raise VistrimError(f"{self.name}: each {modality}'s placeholders must be consecutive in one row")
+        flags = torch.zeros_like(placeholder)
+        flags[placeholder] = torch.cat(newlines).to(placeholder.device)
+        first = torch.zeros_like(placeholder)
+        first[rows[begin], cols[begin]] = True
+        return flags, first
+
+    def _newlines(self, modality: str, inputs: dict, count: int) -> list[torch.Tensor]:
+        """Per image (video), which of its feature rows are the newline embedding."""
+        encoded = self.encoded_features(inputs, modality)
+        if encoded is not None:  # generate encoded them before prefill: the rows that are the newline
+            newline = self.core.image_newline
+            return [(f == newline.to(f.device, f.dtype)).all(-1) for f in encoded]
+        if modality == "image":
+            if inputs.get("pixel_values") is None or inputs.get("image_sizes") is None:
+                raise VistrimError(
+                    f"{self.name}: image placeholders need pixel_values and image_sizes (or encoded features)"
+                )
+            return self._pack_probe(inputs)
+        videos = inputs.get("pixel_values_videos")
+        if videos is None:
+            raise VistrimError(f"{self.name}: video placeholders need pixel_values_videos")
+        if count % videos.shape[0]:
+            raise VistrimError(f"{self.name}: {count} video placeholders for {videos.shape[0]} videos")
+        return [self._video_newlines(count // videos.shape[0]) for _ in range(videos.shape[0])]
+
+    def _video_newlines(self, length: int) -> torch.Tensor:
+        """NeXT-Video appends no newline to a video."""
+        return torch.zeros(length, dtype=torch.bool)
+
+    def _pack_probe(self, inputs: dict) -> list[torch.Tensor]:
+        """The model's own packing run on a probe (every tile row 0, the newline 1; zeros stay zeros
+        through unpadding and OneVision's interpolation): which packed rows are newlines."""
+        sizes = torch.as_tensor(inputs["image_sizes"]).cpu()
+        rows = self._tile_rows()
+        probe = [torch.zeros(tiles, rows, 1, dtype=torch.float64) for tiles in self.tiles(inputs)]
+        packed = self._pack(probe, sizes, torch.ones(1, dtype=torch.float64))
+        return [p[:, 0] == 1 for p in packed]
+
+    def _tile_rows(self) -> int:
+        """Feature rows of one tile: the patch grid, plus a CLS the feature strategy keeps."""
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        prefix = int(hasattr(self.tower_model().embeddings, "class_embedding"))
+        return side * side + prefix - int(self.config.vision_feature_select_strategy == "default")
+
+    def _pack(self, probe, sizes, newline):
+        return self.core.pack_image_features(
+            probe,
+            sizes,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            image_newline=newline,
+        )[0]
+
+    def tiles(self, inputs: dict) -> list[int]:
+        """Tower sequences (tiles) of each image, by the modeling module's own function."""
+        count = sys.modules[type(self.core).__module__].image_size_to_num_patches
+        return [
+            count(
+                image_size=size,
+                grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.config.vision_config.image_size,
+            )
+            for size in torch.as_tensor(inputs["image_sizes"]).cpu()
+        ]
+
+    def tower_model(self):
+        tower = self.core.vision_tower
+        return getattr(tower, "vision_model", tower)
+
+    # ------------------------------------------------------------------ measurement
+    def vision_sequences(self, inputs: dict) -> int:
+        sequences = sum(self.tiles(inputs)) if inputs.get("pixel_values") is not None else 0
+        videos = inputs.get("pixel_values_videos")
+        return sequences + (0 if videos is None else videos.shape[0] * videos.shape[1])
+
+    def flops_shape(self):
+        from ..bench.flops import FlopsShape
+
+        geo, vision = self.geometry, self.config.vision_config
+        return FlopsShape(
+            hidden=geo.hidden_size,
+            kv_width=geo.num_kv_heads * geo.head_dim,
+            intermediate=geo.intermediate_size,
+            vision_hidden=vision.hidden_size,
+            vision_intermediate=vision.intermediate_size,
+            vision_layers=vision.num_hidden_layers,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+        )
+
+    # ------------------------------------------------------------------ tests and demos
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa"):
+        """A CLIP tower (16x16 tiles, patch 4: 16 patches and a CLS) and a 4-layer Llama (GQA 4/2);
+        a 32x32 image is a base tile and 2x2 tiles: 16 + 8x8 patches and 8 newline rows."""
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaNextConfig,
+            LlavaNextForConditionalGeneration,
+            LlavaNextProcessor,
+        )
+
+        return _tiny(
+            cls,
+            LlavaNextConfig,
+            LlavaNextForConditionalGeneration,
+            LlavaNextProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            seed,
+            attn_implementation,
+        )
+
+
+@register
+class LlavaNextVideo(LlavaNext):
+    name = "llava_next_video"
+    model_classes = ("LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel")
+    videos = True
+
+    @classmethod
+    def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa"):
+        """The NeXT tiny model with the video path (frames pooled 2x2: 4 tokens a frame)."""
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaNextVideoConfig,
+            LlavaNextVideoForConditionalGeneration,
+            LlavaNextVideoProcessor,
+        )
+
+        return _tiny(
+            cls,
+            LlavaNextVideoConfig,
+            LlavaNextVideoForConditionalGeneration,
+            LlavaNextVideoProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            seed,
+            attn_implementation,
+        )
+
+
+def _tiny(family, config_cls, model_cls, processor_cls, vision_cls, text_cls, seed, attn_implementation):
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from ..models.processors import image_only
+    from ..models.tiny import _WORDS, seeded
+    from ..models.tokenizer import word_level_tokenizer
+
+    video = family.videos
+    tokenizer = word_level_tokenizer(
+        _WORDS, ("<video>",) if video else (), {"video_token": "<video>"} if video else None
+    )
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": TINY_TILE},
+        crop_size={"height": TINY_TILE, "width": TINY_TILE},
+        image_grid_pinpoints=TINY_PINPOINTS,
+    )
+    processor = image_only(
+        processor_cls,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=TINY_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    vision = vision_cls(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=TINY_TILE,
+        patch_size=TINY_PATCH,
+        projection_dim=32,
+    )
+    text = text_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.08,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    ids = {"image_token_id": tokenizer.convert_tokens_to_ids("<image>")}
+    if video:
+        ids["video_token_id"] = tokenizer.convert_tokens_to_ids("<video>")
+    config = config_cls(
+        vision_config=vision,
+        text_config=text,
+        image_grid_pinpoints=TINY_PINPOINTS,
+        image_seq_length=(TINY_TILE // TINY_PATCH) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **ids,
+    )
+    return seeded(model_cls, config, seed, attn_implementation, tokenizer), processor
