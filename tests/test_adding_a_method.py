@@ -1,7 +1,8 @@
 """The method of docs/adding-a-method.md, written outside the package as a user would, registered
 here, runs in every test matrix that picks methods from the registry (tests/test_families.py and
 tests/test_runtime.py: keep-all identity, masked reference, batch = one by one, prompts ending
-with the image, on every family)."""
+with the image, on every family). conftest.py imports this file first, so the matrices hold the
+method whichever files run in which order."""
 
 from __future__ import annotations
 
@@ -59,8 +60,7 @@ def test_it_is_built_listed_and_budgeted_like_a_built_in(capsys):
 
 
 def test_the_matrices_picked_it_up(request):
-    """Every registry-driven matrix collected in this run holds the method (the matrix files
-    import their method lists when collected, after this file)."""
+    """Every registry-driven matrix collected in this run holds the method."""
     matrix = [
         item
         for item in request.session.items
