@@ -181,3 +181,24 @@ def test_bench_budgets_may_be_counted_post_cut():
     for bad in ("24:paper", "default:post_cut"):
         with pytest.raises(vistrim.VistrimError, match="bad budget"):
             parse_budgets(bad)
+
+
+def test_pdrop_official_equals_an_independent_released_rule(tiny):
+    """On one prompt of the tiny LLaVA (6 layers, 4 stages: stages start at layers 2, 3, 4), the
+    runtime's pdrop official=true keeps the same image tokens at every layer as the released rule
+    written independently, and gives the same last-token logits."""
+    from conftest import PROMPTS, encode
+    from reference import pdrop_released_rule
+
+    model, processor = tiny
+    single = encode(processor, PROMPTS[2:3])
+    expected_kept, expected_logits = pdrop_released_rule(model, single, [2, 3, 4], [0.5, 0.25, 0.125])
+    with vistrim.trim(model, "pdrop", official=True) as session, torch.no_grad():
+        logits = model(**single).logits[0, -1]
+    kept = [session.stats.kept_positions(layer)[0].tolist() for layer in range(6)]
+    assert [len(k) for k in kept] == [64, 64, 32, 16, 8, 8]
+    assert kept == expected_kept
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+    with vistrim.trim(model, "pdrop") as session, torch.no_grad():  # vistrim's rule ranks differently
+        model(**single)
+    assert [session.stats.kept_positions(layer)[0].tolist() for layer in range(6)] != expected_kept
