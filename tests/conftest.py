@@ -15,6 +15,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Tiny matrices gain nothing from threads, and spinning threads on a shared CPU cost 100x.
 torch.set_num_threads(1)
 
+# The method of docs/adding-a-method.md, written and registered in a test file as a user would:
+# imported here so that every registry-driven matrix holds it, whichever test files run in which order.
+import test_adding_a_method  # noqa: E402, F401
+
 from vistrim.models.tiny import build_tiny  # noqa: E402
 
 PROMPTS = [

@@ -78,3 +78,59 @@ def masked_eviction_logits(model, inputs, generated: torch.Tensor, evicted: list
             use_cache=False,
         )
     return out.logits[:, prompt_len - 1 : total - 1]
+
+
+def pdrop_released_rule(model, inputs, stage_starts: list[int], ratios: list[float]):
+    """PyramidDrop's released inference rule, written independently of vistrim for one unpadded
+    prompt: the decoder layers run one by one on the full sequence; after layer i, when i + 1
+    starts stage s, layer i + 1's queries and keys are computed from its input (input_layernorm,
+    q_proj/k_proj, rotary at the current positions), the last token's softmax attention over all
+    tokens is averaged over heads, the top int(N * ratios[s]) image tokens of the prompt's N are
+    kept in order, and positions are renumbered 0..n'-1. Returns (the original positions of the
+    image tokens each layer processes, the last token's logits)."""
+    import math
+    import sys
+
+    lm = model.model.language_model
+    captured = {}
+    handle = lm.register_forward_pre_hook(
+        lambda m, a, k: captured.update(embeds=k["inputs_embeds"]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    hidden = captured["embeds"]
+    image = inputs["input_ids"][0] == model.config.image_token_id
+    n_image = int(image.sum())
+    source = torch.arange(hidden.shape[1])  # original position of each entry
+    kept_per_layer = []
+    with torch.no_grad():
+        for i, layer in enumerate(lm.layers):
+            positions = torch.arange(hidden.shape[1])[None]
+            kept_per_layer.append(source[image[source]].tolist())
+            cos, sin = lm.rotary_emb(hidden, position_ids=positions)
+            hidden = layer(
+                hidden, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin)
+            )
+            if i + 1 not in stage_starts:
+                continue
+            nxt = lm.layers[i + 1]
+            attn = nxt.self_attn
+            normed = nxt.input_layernorm(hidden)
+            dim = attn.head_dim
+            q = attn.q_proj(normed).view(1, -1, lm.config.num_attention_heads, dim).transpose(1, 2)
+            k = attn.k_proj(normed).view(1, -1, lm.config.num_key_value_heads, dim).transpose(1, 2)
+            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            q, k = rope(q, k, cos, sin)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            weights = torch.softmax(q[:, :, -1:] @ k.transpose(-1, -2) / math.sqrt(dim), dim=-1)
+            scores = weights.mean(1)[0, 0]  # (n,) the last token over every token
+            is_image = image[source]
+            keep = int(n_image * ratios[stage_starts.index(i + 1)])
+            top = torch.where(is_image)[0][scores[is_image].topk(keep).indices]
+            survivors = torch.sort(torch.cat([torch.where(~is_image)[0], top])).values
+            hidden, source = hidden[:, survivors], source[survivors]
+        logits = model.lm_head(lm.norm(hidden))[0, -1]
+    return kept_per_layer, logits

@@ -71,6 +71,10 @@ def test_timing_from_stamps_and_spread():
     assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
 
 
+def raw_configs(document: dict) -> list[dict]:
+    return document["raw"]["configs"]
+
+
 def fake_raw(base_prefill, method_prefill, layer_tokens) -> dict:
     """Raw records of one configuration on a 2-layer model with a 10-token prompt (4 visual)."""
 
@@ -192,8 +196,15 @@ def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):
     assert [r["label"] for r in rows] == ["unpruned", "fastv", "fastv", "st3", "st3"]
     for row in rows:
         assert set(SCHEMA["row"]) <= set(row), set(SCHEMA["row"]) - set(row)
-    assert rows[1]["settings"] == {"layer": 1, "keep": 13} and rows[4]["budgets"] == [0.11]
-    assert rows[2]["settings"] == {"layer": 1, "keep": 0}
+    assert rows[1]["settings"] == {"layer": 1, "keep": 13, "rounding": "ceil"} and rows[4]["budgets"] == [
+        0.11
+    ]
+    assert [entry["name"] for entry in raw_configs(document)[0]["settings_schema"]] == [
+        "layer",
+        "keep",
+        "rounding",
+    ]
+    assert rows[2]["settings"] == {"layer": 1, "keep": 0, "rounding": "ceil"}
     runs = document["raw"]["timing"]["runs"]
     assert len(runs) == len(rows) and all(len(r) == 2 for r in runs)  # --quick: two repeats
     assert all(len(run["timing"]["steps"]) == 4 for config in runs for run in config)
@@ -216,9 +227,26 @@ def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):
         (["--budgets", "0"], "bad budget '0'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--new-tokens", "1"], "--max-new-tokens must be >= 2"),
+        (["--methods", "fastv", "--set", "pdrop.ratio=0.5"], "'pdrop' is not among the selected methods"),
+        (["--methods", "fastv", "--set", "nosuch=1"], "no selected method has a setting 'nosuch'"),
+        (["--methods", "fastv", "--set", "fastv.kep=1"], "did you mean 'keep'"),
+        (["--methods", "fastv,random", "--set", "keep=lots"], "fastv.keep"),
     ],
 )
 def test_bench_bad_input_is_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, "bench", "--model", "tiny", *argv)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_is_callable_from_python(tiny, tmp_path):
+    from vistrim.bench.suite import BenchPlan, bench, write_outputs
+
+    model, processor = tiny
+    plan = BenchPlan.resolve("tiny", budgets="0.5", repeats=1, max_new_tokens=2, samples=2)
+    document, rows = bench(model, processor, "fastv", plan)
+    assert [r["label"] for r in rows] == ["unpruned", "fastv"] and rows[1]["budgets"] == [0.5]
+    assert document["settings"]["options"]["repeats"] == 1
+    write_outputs(document, rows, plan, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "bench.json").read_text())["rows"][1]["label"] == "fastv"

@@ -73,7 +73,8 @@ def test_run_prints_answer_counts_and_kv(capsys, saved_tiny, picture, tmp_path):
     assert code == 0, err
     assert "answer:" in out and "64 64 16 16 16 16" in out and "KV cache after prefill" in out
     data = json.loads(report.read_text())
-    assert data["settings"] == {"layer": 2, "keep": 0.25}
+    assert data["settings"] == {"layer": 2, "keep": 0.25, "rounding": "ceil"}
+    assert [entry["name"] for entry in data["settings_schema"]] == ["layer", "keep", "rounding"]
     assert data["prefill_visual_per_layer"] == [64, 64, 16, 16, 16, 16]
     assert data["kv_bytes_after_prefill"] < data["kv_bytes_after_prefill_unpruned"]
 
@@ -100,7 +101,7 @@ def test_config_file_then_command_line_override(capsys, saved_tiny, picture, tmp
         "1",
     )
     assert code == 0, err
-    assert "fastv(layer=3, keep=8)" in out and "64 64 64 8 8 8" in out
+    assert "fastv(layer=3, keep=8, rounding='ceil')" in out and "64 64 64 8 8 8" in out
 
 
 def _odd_images(folder):
@@ -252,4 +253,20 @@ def test_run_mustdrop_and_st3_report_their_stages(capsys, saved_tiny, tmp_path):
         capsys, *base, "--method", "st3", "--set", "horizon=2", "--set", "every=1", "--max-new-tokens", "4"
     )
     assert code == 0, err
-    assert "64 43 22 0 0 0" in out and "in the cache after decoding: 0 0 0 0 0 0" in out
+    assert "64 52 33 17 9 6" in out and "in the cache after decoding: 0 0 0 0 0 0" in out
+
+
+def test_the_same_option_has_the_same_name_on_every_command():
+    from vistrim.cli.main import build_parser
+
+    parser = build_parser()
+    for command in (["bench"], ["eval"]):
+        short = parser.parse_args([*command, "--batch", "3", "--samples", "4", "--new-tokens", "5"])
+        long = parser.parse_args([*command, "--batch-size", "3", "--limit", "4", "--max-new-tokens", "5"])
+        assert vars(short) == vars(long)
+        assert short.batch_size == 3 and short.max_new_tokens == 5
+    run = ["run", "--image", "x.png", "--prompt", "q"]
+    assert parser.parse_args([*run, "--new-tokens", "7"]).max_new_tokens == 7
+    for command in ("run", "bench", "eval"):
+        options = parser.parse_args([command, *(run[1:] if command == "run" else []), "--set", "a=1"])
+        assert options.settings == ["a=1"] and options.config is None

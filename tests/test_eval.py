@@ -161,3 +161,37 @@ def test_fidelity_empty_folder_and_missing_prompts(capsys, tmp_path, image_dir):
     assert code == 2 and "no images" in err
     code, _, err = run_cli(capsys, "eval", "--fidelity", "--model", "tiny", "--images", str(image_dir))
     assert code == 2 and "no prompt" in err
+
+
+def test_eval_takes_config_and_set_like_run(capsys, tmp_path, image_dir):
+    """defaults < --config [method] table < --set (KEY for every method with it, METHOD.KEY for one);
+    --batch / --samples / --new-tokens are the same options as --batch-size / --limit / --max-new-tokens."""
+    config = tmp_path / "methods.toml"
+    config.write_text("[fastv]\nlayer = 3\nkeep = 0.5\n[random]\nseed = 1\n")
+    out = tmp_path / "eval"
+    argv = ["eval", "--fidelity", "--model", "tiny", "--images", str(image_dir), "--prompt", "what ?"]
+    argv += ["--methods", "fastv,random", "--budgets", "default", "--config", str(config)]
+    argv += [
+        "--set",
+        "keep=8",
+        "--set",
+        "random.seed=3",
+        "--batch",
+        "2",
+        "--samples",
+        "2",
+        "--new-tokens",
+        "2",
+    ]
+    code, _, err = run_cli(capsys, *argv, "--out", str(out))
+    assert code == 0, err
+    document = json.loads((out / "eval.json").read_text())
+    fastv, random = document["rows"][1:]
+    assert fastv["settings"] == {"layer": 3, "keep": 8, "rounding": "ceil"}
+    assert random["settings"] == {"layer": 2, "keep": 8, "seed": 3}
+    assert document["settings"]["batch_size"] == 2 and document["settings"]["max_new_tokens"] == 2
+    assert document["settings"]["samples"] == 2
+    # 64 visual tokens over 6 layers, 8 kept from layer 3: processed (3*64 + 3*8) / 6 = 36,
+    # post-cut (2*64 + 4*8) / 6, as released code logs it
+    assert fastv["layer_average_visual"] == 36.0
+    assert fastv["layer_average_visual_post_cut"] == pytest.approx(160 / 6)

@@ -20,7 +20,8 @@ from reference import allowed_to_mask
 
 import vistrim
 from vistrim.families import FAMILIES, family_for
-from vistrim.methods.base import Method
+from vistrim.methods.base import REGISTRY, Method
+from vistrim.methods.scorer import ScorerMethod
 
 VARIANTS = {name: build for family in FAMILIES.values() for name, build in family.tiny_variants().items()}
 REQUIRES = {name: family.tiny_requires for family in FAMILIES.values() for name in family.tiny_variants()}
@@ -30,21 +31,21 @@ QUESTIONS = [
     ("is there a red circle in the top left of the photo ?", (40, 24), True),
     ("describe the picture", (24, 40), False),  # the image after the text
 ]
-KEEP_ALL = {
-    "none": {},
-    "random": {"keep": 1.0},
-    "fastv": {"keep": 1.0},
-    "pdrop": {"ratio": 1.0},
-    "st3": {"min_ratio": 1.0, "min_keep": 1.0},
-    "mustdrop": {"merge_threshold": 2.0, "alpha": 0.0, "beta": 0.0},
-}
-PRUNING = {
-    "random": {"keep": 0.3},
-    "fastv": {"keep": 0.25},
-    "pdrop": {"ratio": 0.5},
-    "st3": {"horizon": 4.0, "every": 1},
-    "mustdrop": {"budget": 0.3},
-}
+
+
+def declared(kind: str) -> dict[str, dict]:
+    """Every registered method's own test settings (``keep_all_settings``/``pruning_settings``),
+    so a method registered anywhere, a test file included, joins the matrix."""
+    return {
+        name: dict(getattr(cls, kind))
+        for name, cls in sorted(REGISTRY.items())
+        if getattr(cls, kind) is not None
+    }
+
+
+KEEP_ALL = declared("keep_all_settings")
+PRUNING = declared("pruning_settings")
+SCORERS = {name: settings for name, settings in PRUNING.items() if issubclass(REGISTRY[name], ScorerMethod)}
 
 
 def picture(size, seed: int) -> Image.Image:
@@ -186,10 +187,11 @@ def excluded_per_layer(stats, visual) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     ("name", "settings"),
     [
-        ("fastv", {"keep": 0.25}),
-        ("pdrop", {}),
+        *sorted(SCORERS.items()),
+        ("pdrop", {"rank": "next"}),
         ("random", {"keep": 5}),
         ("st3", {"vta": False, "queries": "text"}),
+        ("st3", {"vta": False, "schedule": "stride", "stride": 8, "prune_ratio": 0.5}),
     ],
 )
 def test_physical_drop_equals_masked_reference(variant, batch, name, settings):
@@ -204,29 +206,32 @@ def test_physical_drop_equals_masked_reference(variant, batch, name, settings):
 
 @dataclass
 class Probe(Method):
-    """Records the attention rows the runtime rebuilds from q and k at one layer."""
+    """Records the attention rows the runtime rebuilds from q and k at one layer (or, with
+    ``next_layer``, the rows the next layer will compute, from this layer's output)."""
 
     name = "probe"
     layer: int = 1
     queries: str = "last"
+    next_layer: bool = False
 
     def prefill_layers(self, geo):
         return (self.layer,)
 
     def on_prefill_layer(self, ctx, layer):
-        self.rows = ctx.attention(self.queries, per_head=True)
+        self.rows = ctx.attention(self.queries, per_head=True, next_layer=self.next_layer)
         self.slots = ctx.visual_slots()
 
 
+@pytest.mark.parametrize("next_layer", [False, True])
 @pytest.mark.parametrize("queries", ["last", "text"])
-def test_rebuilt_query_rows_equal_eager_attention(variant, batch, queries):
+def test_rebuilt_query_rows_equal_eager_attention(variant, batch, queries, next_layer):
     _, model, eager, _ = variant
     layer = len(family_for(model).layers) - 2
-    probe = Probe(layer=layer, queries=queries)
+    probe = Probe(layer=layer, queries=queries, next_layer=next_layer)
     with vistrim.trim(model, probe), torch.no_grad():
         model(**batch)
     with torch.no_grad():
-        maps = eager(**batch, output_attentions=True).attentions[layer]  # (B, H, T, T)
+        maps = eager(**batch, output_attentions=True).attentions[layer + next_layer]  # (B, H, T, T)
     visual = visual_mask(model, batch)
     last_visual = torch.where(visual, torch.arange(visual.shape[1]), -1).max(-1).values
     index, valid = probe.slots
@@ -237,6 +242,29 @@ def test_rebuilt_query_rows_equal_eager_attention(variant, batch, queries):
         expected = maps[b][:, rows][:, :, index[b][valid[b]]]
         got = probe.rows.probs[b][:, probe.rows.query_valid[b]][:, :, valid[b]]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_pdrop_official_renumbers_positions_or_is_refused(variant, batch):
+    """The released PyramidDrop rule renumbers positions after each cut (prefill and decoding);
+    families with multi-axis positions refuse it in one line, leaving no hook behind."""
+    _, model, _, _ = variant
+    family = family_for(model)
+    if not family.renumber:
+        with pytest.raises(vistrim.VistrimError, match="official=true renumbers positions") as info:
+            vistrim.apply(model, "pdrop", official=True)
+        assert "\n" not in str(info.value) and no_hooks(model)
+        return
+    seen = []
+    with vistrim.trim(model, "pdrop", official=True) as session:
+        handle = family.layers[-1].register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["position_ids"].clone()), with_kwargs=True
+        )
+        greedy(model, batch, n=2)
+    handle.remove()
+    _, live, _ = session.stats.prefill_layers[-1]
+    for b in range(live.shape[0]):
+        assert seen[0][b][live[b]].tolist() == list(range(int(live[b].sum())))
+    assert seen[1][:, 0].tolist() == live.sum(-1).tolist()  # the first new token follows them
 
 
 @dataclass

@@ -21,7 +21,14 @@ def test_build_coerces_command_line_strings():
     fastv = vistrim.build("fastv", keep="0.25")
     assert fastv.keep == 0.25 and isinstance(fastv.keep, float)
     assert vistrim.build("random", seed="7").seed == 7
-    assert vistrim.build("pdrop").settings() == {"stages": 4, "ratio": 0.5}
+    assert vistrim.build("pdrop").settings() == {
+        "stages": 4,
+        "ratio": 0.5,
+        "official": False,
+        "rank": "this",
+        "positions": "original",
+        "rounding": "ceil",
+    }
 
 
 @pytest.mark.parametrize(

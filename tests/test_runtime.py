@@ -12,30 +12,17 @@ from reference import masked_drop_forward, masked_eviction_logits, original_posi
 
 import vistrim
 from vistrim.compat import cache_kwargs, output_cache
-from vistrim.methods.base import Method
+from vistrim.methods.base import REGISTRY, Method
 
-# Every registered method, with settings that keep every token.
-KEEP_ALL = {
-    "none": {},
-    "random": {"keep": 1.0},
-    "fastv": {"keep": 1.0},
-    "pdrop": {"ratio": 1.0},
-    "st3": {"min_ratio": 1.0, "min_keep": 1.0},
-    "mustdrop": {"merge_threshold": 2.0, "alpha": 0.0, "beta": 0.0},
-}
-# Every registered method with settings that prune.
-PRUNING = {
-    "none": {},
-    "random": {"keep": 0.3},
-    "fastv": {"keep": 0.25},
-    "pdrop": {"ratio": 0.5},
-    "st3": {"horizon": 8.0, "every": 1},
-    "mustdrop": {"budget": 24},
-}
+# Every registered method, with the settings it declares for tests: keeping every token, pruning.
+KEEP_ALL = {n: dict(c.keep_all_settings) for n, c in REGISTRY.items() if c.keep_all_settings is not None}
+PRUNING = {n: dict(c.pruning_settings or {}) for n, c in REGISTRY.items() if c.keep_all_settings is not None}
 
 
 def test_every_method_has_test_settings():
-    assert set(vistrim.list_methods()) <= set(KEEP_ALL) & set(PRUNING)
+    for name, cls in vistrim.list_methods().items():
+        assert cls.keep_all_settings is not None, name
+        assert cls.pruning_settings is not None or name == "none", name
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_ALL))

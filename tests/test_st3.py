@@ -39,10 +39,21 @@ def ceil_count(n, ratio):
 @pytest.mark.parametrize(
     ("settings", "start", "end"),
     [
-        ({"start_layer": 1, "end_layer": 5, "min_ratio": 0.1, "depth_ref": 0}, 1, 5),
+        ({"start_layer": 1, "end_layer": 5, "min_ratio": 0.1, "depth_ref": 0, "schedule": "linear"}, 1, 5),
         ({"start_layer": 0, "end_layer": 4, "min_ratio": 0.0, "schedule": "cosine", "depth_ref": 0}, 0, 4),
-        ({"start_layer": 2, "end_layer": 3, "min_ratio": 0.25, "depth_ref": 0, "queries": "text"}, 2, 3),
-        ({}, 0, 3),  # defaults: K=2, E=18 of 32 layers -> 0 and 3 of 6
+        (
+            {
+                "start_layer": 2,
+                "end_layer": 3,
+                "min_ratio": 0.25,
+                "depth_ref": 0,
+                "queries": "text",
+                "schedule": "linear",
+            },
+            2,
+            3,
+        ),
+        ({"schedule": "linear"}, 0, 3),  # K=2, E=18 of 32 layers -> 0 and 3 of 6
     ],
 )
 def test_prefill_counts_follow_schedule(tiny, batch, settings, start, end):
@@ -66,7 +77,7 @@ def test_step_schedule_and_depth_scaling():
             model(**inputs)
     assert session.stats.prefill_visual()[:, 0].tolist() == [64, 64, 64, 32, 32, 8, 8, 8, 8, 8]
     # a linear schedule given for 32 layers: K=2 -> 1 (0.625 rounds up), E=18 -> 6 (5.625 rounds up)
-    with vistrim.trim(model, "st3", vta=False, min_ratio=0.0) as session, torch.no_grad():
+    with vistrim.trim(model, "st3", vta=False, schedule="linear") as session, torch.no_grad():
         model(**inputs)
     expected = [ceil_count(64, spec_ratio(layer, 1, 6, 0.0, "linear")) for layer in range(10)]
     assert session.stats.prefill_visual()[:, 0].tolist() == expected
@@ -172,6 +183,84 @@ def test_every_field_is_validated(settings, message):
 
 def test_end_layer_beyond_depth(tiny):
     with pytest.raises(vistrim.VistrimError, match="beyond"):
-        vistrim.apply(tiny[0], "st3", end_layer=40)
+        vistrim.apply(tiny[0], "st3", schedule="linear", end_layer=40)
     with pytest.raises(vistrim.VistrimError, match="beyond the model"):
-        vistrim.apply(tiny[0], "st3", depth_ref=0, end_layer=9)
+        vistrim.apply(tiny[0], "st3", schedule="linear", depth_ref=0, end_layer=9)
+
+
+# ---------------------------------------------------------------------- literal schedules
+@pytest.mark.parametrize(
+    ("settings", "n", "layers", "expected"),
+    [
+        # defaults on LLaVA-1.5-geometry (30 layers): K = 2 -> 1.875 -> 2, E = 18 -> 16.875 -> 17;
+        # rho(l) = 1 - (l - 2) / 15 in between: 576 * 14/15 = 537.6 -> 538, ..., 576 / 15 = 38.4 -> 39
+        (
+            {"schedule": "linear"},
+            576,
+            30,
+            [576, 576, 576, 538, 500, 461, 423, 384, 346, 308, 269, 231, 192, 154, 116, 77, 39] + [0] * 13,
+        ),
+        # the defaults (stride: K=2, S=2, R=0.2 of 32) on 30 layers: cuts after 2, 4, 6, 8, 9, 11, ...
+        # (32-layer cuts 2, 4, ..., 30 scaled by 30/32), 576 * 0.8 = 460.8 -> 461, * 0.64 -> 369, ...
+        (
+            {},
+            576,
+            30,
+            [576, 576, 576, 461, 461, 369, 369, 295, 295, 236, 189, 189, 151, 151, 121]
+            + [121, 97, 97, 78, 78, 62, 62, 50, 50, 40, 32, 32, 26, 26, 21],
+        ),
+        # cosine K=0, E=4: (1 + cos(pi/4)) / 2 * 64 = 54.6 -> 55, 0.5 -> 32, 0.146 * 64 = 9.4 -> 10
+        (
+            {"schedule": "cosine", "start_layer": 0, "end_layer": 4, "depth_ref": 0},
+            64,
+            6,
+            [64, 55, 32, 10, 0, 0],
+        ),
+        # stride: cuts after layers 1, 3, 5 (and 7, which no layer follows), each halving
+        (
+            {"schedule": "stride", "start_layer": 1, "stride": 2, "prune_ratio": 0.5, "depth_ref": 0},
+            64,
+            8,
+            [64, 64, 32, 32, 16, 16, 8, 8],
+        ),
+        # stride given for 32 layers on 16: cuts after 2, 10, 18, 26 -> 1, 5, 9, 13
+        (
+            {"schedule": "stride", "start_layer": 2, "stride": 8, "prune_ratio": 0.5},
+            64,
+            16,
+            [64, 64, 32, 32, 32, 32, 16, 16, 16, 16, 8, 8, 8, 8, 4, 4],
+        ),
+        # stride with a floor: 1, 0.5, 0.25, then 0.2 instead of 0.125: ceil(12.8) = 13
+        (
+            {
+                "schedule": "stride",
+                "start_layer": 0,
+                "stride": 1,
+                "prune_ratio": 0.5,
+                "min_ratio": 0.2,
+                "depth_ref": 0,
+            },
+            64,
+            6,
+            [64, 32, 16, 13, 13, 13],
+        ),
+    ],
+)
+def test_literal_schedules(settings, n, layers, expected):
+    assert vistrim.build("st3", **settings).predict_prefill(n, layers) == expected
+
+
+def test_stride_schedule_runs_as_written(tiny, batch):
+    # cuts after layers 0, 2, 4 keeping 3/4 of what is left: 64, 48, 36, ceil(27.0) = 27
+    settings = {"schedule": "stride", "start_layer": 0, "stride": 2, "prune_ratio": 0.25, "depth_ref": 0}
+    with vistrim.trim(model := tiny[0], "st3", vta=False, **settings) as session, torch.no_grad():
+        model(**batch)
+    assert session.stats.prefill_visual()[:, 0].tolist() == [64, 48, 48, 36, 36, 27]
+
+
+def test_stride_budget_mode_solves_the_ratio():
+    method = vistrim.at_budget("st3", 0.33, n_visual=576, num_layers=30, schedule="stride")
+    assert method.schedule == "stride" and method.start_layer == vistrim.build("st3").start_layer
+    assert abs(sum(method.predict_prefill(576, 30)) / 30 - 0.33 * 576) <= 1.0
+    low = vistrim.at_budget("st3", 20, n_visual=144, num_layers=8, schedule="stride", start_layer=4)
+    assert low.start_layer < 4 and abs(sum(low.predict_prefill(144, 8)) / 8 - 20) <= 1.0

@@ -14,7 +14,7 @@ import torch
 
 from .errors import VistrimError
 from .methods import REGISTRY, Method, build  # noqa: F401  (re-exported)
-from .methods.base import resolve_budget
+from .methods.base import COUNTINGS, Counting, resolve_budget
 from .runtime.session import Session
 
 _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -26,16 +26,31 @@ def list_methods() -> dict[str, type[Method]]:
 
 
 def at_budget(
-    method: str | Method, budget: int | float, *, n_visual: int, num_layers: int, **settings
+    method: str | Method,
+    budget: int | float,
+    *,
+    n_visual: int,
+    num_layers: int,
+    counting: Counting | None = None,
+    **settings,
 ) -> Method:
     """``method`` (with ``settings`` fixed) configured so that its layer-averaged visual tokens in
     prefill come closest to ``budget``: a float is a ratio of ``n_visual``, an int a count (capped
-    at ``n_visual``)."""
+    at ``n_visual``).
+
+    ``counting``: ``processed`` (default, vistrim's count: what each layer processes) or
+    ``post_cut`` (as MustDrop's and other released code logs it: a pruning layer counts the tokens
+    left after its cut), so that a "64" means what it means in the table it is compared with;
+    by default the method's own ``counting`` setting where it has one (MustDrop), else ``processed``."""
     for name, value, low in (("n_visual", n_visual, 0), ("num_layers", num_layers, 1)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
             raise VistrimError(f"at_budget: {name} must be an integer >= {low}, got {value!r}")
     base = build(method, **settings)
-    return base.at_budget(resolve_budget(budget, n_visual), int(n_visual), int(num_layers))
+    if counting is None:
+        counting = getattr(base, "counting", "processed")
+    if counting not in COUNTINGS:
+        raise VistrimError(f"counting={counting!r} is not one of {', '.join(COUNTINGS)}")
+    return base.at_budget(resolve_budget(budget, n_visual), int(n_visual), int(num_layers), counting)
 
 
 def apply(model: torch.nn.Module, method: str | Method = "none", **settings) -> Session:

@@ -93,6 +93,13 @@ def quality_fields(record: dict, reference: dict) -> dict:
     return fields
 
 
+def post_cut_average(per_layer: Sequence[float]) -> float | None:
+    """The layer average counted as released code logs it: a pruning layer counts the tokens left
+    after its cut (what the next layer processes)."""
+    counts = list(per_layer[1:]) + list(per_layer[-1:])
+    return sum(counts) / len(counts) if counts else None
+
+
 def unpruned_row(raw: dict, shape: FlopsShape, num_layers: int) -> dict:
     runs, workload = raw["timing"]["runs"][0], raw["workload"]
     final = sum(runs[0]["kv_bytes_final_read"])
@@ -102,6 +109,7 @@ def unpruned_row(raw: dict, shape: FlopsShape, num_layers: int) -> dict:
         "budgets": [],
         "settings": {},
         "layer_average_visual": statistics.mean(workload["visual_tokens"]),
+        "layer_average_visual_post_cut": statistics.mean(workload["visual_tokens"]),
         **time_summary(runs),
         "speedup": paired_speedups(runs, runs),
         "flops": unpruned_flops(shape, workload, num_layers),
@@ -128,6 +136,7 @@ def config_row(raw: dict, index: int, shape: FlopsShape, base: dict) -> dict:
     return {
         **meta,
         "layer_average_visual": stats["summary"]["layer_average_visual"],
+        "layer_average_visual_post_cut": post_cut_average(stats["summary"]["prefill_visual_per_layer"]),
         **time_summary(runs),
         "speedup": speedup,
         "flops": flops,
@@ -165,13 +174,15 @@ def fmt(value, pattern: str = "{:.2f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
-TIMING_COLUMNS = ("method", "budget", "tokens", "prefill x", "e2e x", "token x")
+TIMING_COLUMNS = ("method", "budget", "tokens", "post-cut", "prefill x", "e2e x", "token x")
 TIMING_COLUMNS += ("FLOPs", "eff.", "KV pre", "KV end", "overhead")
 LEGEND = (
-    "tokens: layer-averaged visual tokens reached in prefill. x: speed-up vs unpruned, median of repeats "
-    "paired with the unpruned run before them (prefill = time to first token; token = median time per "
-    "output token). FLOPs: prefill FLOPs / unpruned. eff.: prefill speed-up / (1 / FLOPs ratio). KV: cache "
-    "bytes / unpruned after prefill and at the end. overhead: time in method hooks / prefill time."
+    "tokens: layer-averaged visual tokens reached in prefill (what each layer processes). post-cut: the "
+    "same average counted as released code logs it (a pruning layer counts its survivors). "
+    "x: speed-up vs unpruned, median of repeats paired with the unpruned run before them "
+    "(prefill = time to first token; token = median time per output token). "
+    "FLOPs: prefill FLOPs / unpruned. eff.: prefill speed-up / (1 / FLOPs ratio). "
+    "KV: cache bytes / unpruned after prefill and at the end. overhead: time in method hooks / prefill time."
 )
 
 
@@ -195,6 +206,7 @@ def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             r["label"],
             ",".join(map(str, r["budgets"])) or "-",
             fmt(r["layer_average_visual"], "{:.1f}"),
+            fmt(r.get("layer_average_visual_post_cut"), "{:.1f}"),
         ]
         cells += [fmt(r["speedup"][k]["median"]) + "x" for k in ("prefill", "e2e", "per_token")]
         cells += [fmt(r["flops_ratio"], "{:.1%}"), fmt(r["realisation_efficiency"])]

@@ -137,6 +137,7 @@ def quality_record(items, reference, answers, options: BenchOptions) -> dict:
     record = {
         "answers": answers.texts,
         "layer_average_visual": mean(answers.reached),
+        "layer_average_visual_post_cut": mean(answers.reached_post_cut),
         "fidelity": fidelity_summary(
             reference.texts, reference.first_logits, answers.texts, answers.first_logits
         ),
@@ -155,6 +156,7 @@ def config_meta(config: Config) -> dict:
         "method": config.name,
         "budgets": config.budgets,
         "settings": config.method.settings(),
+        "settings_schema": config.method.schema(),
         "describe": config.method.describe(),
     }
 

@@ -4,7 +4,8 @@ A method spec is ``name`` or ``name:key=value;key=value`` (e.g. ``mustdrop:atten
 Specs are separated by commas; a comma inside a setting value (``st3:schedule=step;steps=8:0.5,16:0.25``)
 stays with its spec because the piece after it does not start with a method name.
 A budget is a layer-averaged visual-token budget: ``0.25`` is a ratio, ``64`` a count, ``default``
-the method's own settings.
+the method's own settings; ``64:post_cut`` counts it as released code logs it (a pruning layer
+counts the tokens left after its cut) instead of what each layer processes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from ..api import at_budget
 from ..errors import VistrimError
 from ..methods import REGISTRY, Method, build
+from ..methods.base import COUNTINGS
 
 DEFAULT = "default"
 # Methods whose own defaults are a schedule rather than one budget knob: worth a row of their own.
@@ -82,6 +84,13 @@ def parse_budgets(text: str) -> list[int | float | str]:
 def parse_budget(text: str) -> int | float | str:
     if text == DEFAULT:
         return DEFAULT
+    value, sep, counting = text.partition(":")
+    if sep:
+        if value.strip() == DEFAULT or counting.strip() not in COUNTINGS:
+            raise VistrimError(
+                f"bad budget {text!r}: counted {counting.strip()!r}, not one of {', '.join(COUNTINGS)}"
+            )
+        return f"{parse_budget(value.strip())}:{counting.strip()}"
     try:
         value: int | float = int(text) if _INT.match(text) else float(text)
     except ValueError:
@@ -129,4 +138,10 @@ def build_configs(
 def configure(spec: MethodSpec, budget, n_visual: int, num_layers: int) -> Method:
     if budget == DEFAULT:
         return build(spec.name, **spec.settings)
-    return at_budget(spec.name, budget, n_visual=n_visual, num_layers=num_layers, **spec.settings)
+    counting = "processed"
+    if isinstance(budget, str):  # "64:post_cut"
+        text, counting = budget.split(":")
+        budget = int(text) if _INT.match(text) else float(text)
+    return at_budget(
+        spec.name, budget, n_visual=n_visual, num_layers=num_layers, counting=counting, **spec.settings
+    )

@@ -38,16 +38,55 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "testbed") ->
     )
 
 
-def add_method_args(parser: argparse.ArgumentParser) -> None:
+def add_method_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """--set and --config: defaults < the config file's [method] table < --set (< a method spec's
+    own name:key=value, with several methods)."""
+    where = "; KEY applies to every selected method that has it, METHOD.KEY to one" if several else ""
     parser.add_argument(
         "--set",
         dest="settings",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a method setting (repeatable); values are typed by the method's fields",
+        help=f"override a method setting (repeatable); values are typed by the method's fields{where}",
     )
     parser.add_argument("--config", help="TOML file: a [method-name] table of settings per method")
+
+
+def selected_specs(text: str, args) -> list:
+    """The ``--methods`` specs with their settings: defaults < ``--config`` [name] table < ``--set``
+    (``key=value`` for every selected method that has the setting, ``name.key=value`` for one) <
+    the spec's own ``name:key=value``. Every result is type-checked now, before any model loads."""
+    from ..bench.specs import MethodSpec, parse_method_specs
+    from ..methods import REGISTRY, build
+
+    specs = parse_method_specs(text)
+    config = load_config(args.config)
+    overrides = {name: {} for name in {spec.name for spec in specs}}
+    for key, value in parse_settings(args.settings).items():
+        name, dot, field = key.rpartition(".")
+        targets = [name] if dot else [n for n in overrides if field in _fields(REGISTRY[n])]
+        if dot and name not in overrides:
+            raise VistrimError(
+                f"--set {key}: {name!r} is not among the selected methods ({', '.join(overrides)})"
+            )
+        if dot and field not in _fields(REGISTRY[name]):
+            hint = suggest(field, _fields(REGISTRY[name]))
+            raise VistrimError(f"--set {key}: method {name!r} has no setting {field!r}{hint}")
+        if not targets:
+            raise VistrimError(f"--set {key}: no selected method has a setting {field!r}")
+        for target in targets:
+            overrides[target][field] = value
+    merged = []
+    for spec in specs:
+        settings = {**config.get(spec.name, {}), **overrides[spec.name], **spec.settings}
+        build(spec.name, **settings)
+        merged.append(MethodSpec(spec.label, spec.name, settings))
+    return merged
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def parse_settings(pairs: list[str]) -> dict[str, str]:

@@ -1,18 +1,17 @@
 """``vistrim eval``: accuracy per method x budget on easy-vqa (labelled), or with ``--fidelity``
-agreement with the unpruned model on any images and prompts (no labels)."""
+agreement with the unpruned model on any images and prompts (no labels). The work is
+``vistrim.evaluate.suite`` (callable from Python); this module parses and checks the arguments."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import VistrimError
 from .bench import add_threads_arg, check_threads
-from .common import add_model_args, check_output_dir
+from .common import add_method_args, add_model_args, check_output_dir, selected_specs
 
 
 def add_eval_parser(commands) -> None:
@@ -21,10 +20,33 @@ def add_eval_parser(commands) -> None:
     )
     add_model_args(ev)
     ev.add_argument("--methods", help="comma list of name or name:key=value;key=value (default: all)")
-    ev.add_argument("--budgets", help="layer-averaged visual budgets: ratios, counts or 'default'")
-    ev.add_argument("--limit", type=int, help="items (or image x prompt pairs) to use (default 500, all)")
-    ev.add_argument("--batch-size", type=int, default=50, help="prompts per generate (default 50)")
-    ev.add_argument("--max-new-tokens", type=int, help="answer length (default 2 labelled, 16 fidelity)")
+    add_method_args(ev, several=True)
+    ev.add_argument(
+        "--budgets",
+        help="layer-averaged visual budgets: ratios, counts, 'default'; 64:post_cut counts post-cut",
+    )
+    ev.add_argument(
+        "--limit",
+        "--samples",
+        dest="limit",
+        type=int,
+        help="items (or image x prompt pairs) to use (default 500, all)",
+    )
+    ev.add_argument(
+        "--batch-size",
+        "--batch",
+        dest="batch_size",
+        type=int,
+        default=50,
+        help="prompts per generate (default 50)",
+    )
+    ev.add_argument(
+        "--max-new-tokens",
+        "--new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        help="answer length (default 2 labelled, 16 fidelity)",
+    )
     ev.add_argument(
         "--instruction",
         help="text on a line after each easy-vqa question (default: none for testbed/tiny, "
@@ -38,184 +60,54 @@ def add_eval_parser(commands) -> None:
     add_threads_arg(ev)
 
 
-def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    if args.batch_size < 1:
-        raise VistrimError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise VistrimError(f"--limit must be >= 1, got {args.limit}")
+def check_args(args: argparse.Namespace):
+    """The run's plan, every option checked (before torch loads)."""
+    from ..evaluate.suite import EvalPlan
+
+    plan = EvalPlan(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        budgets=args.budgets,
+        samples=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=(16 if args.fidelity else 2) if args.max_new_tokens is None else args.max_new_tokens,
+        instruction=args.instruction,
+    ).check()
     check_threads(args.threads)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 16 if args.fidelity else 2
-    if args.max_new_tokens < 1:
-        raise VistrimError("--max-new-tokens must be >= 1")
     if args.fidelity and not args.images:
         raise VistrimError("--fidelity needs --images FILE_OR_FOLDER ...")
     if not args.fidelity and (args.images or args.prompts or args.prompt):
         raise VistrimError("--images/--prompts/--prompt belong to --fidelity mode")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
     args.out = check_output_dir(args.out or f"results/eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
-    return args
+    return plan
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    args = check_args(args)  # options and the output folder are checked before torch loads
+    plan = check_args(args)  # options and the output folder are checked before torch loads
     from rich.console import Console
 
-    from ..bench.specs import default_method_specs, parse_budgets, parse_method_specs
+    from ..bench.specs import default_method_specs
     from ..bench.timing import set_threads
+    from ..evaluate import suite
 
     set_threads(args.threads)
-    specs = parse_method_specs(args.methods or default_method_specs(include_none=True, eager_mustdrop=False))
-    budgets = parse_budgets(args.budgets or "0.33,0.22,0.11")
-    batches = fidelity_batches(args) if args.fidelity else None  # bad paths fail before loading
+    specs = selected_specs(
+        args.methods or default_method_specs(include_none=True, eager_mustdrop=False), args
+    )
+    suite.specs_and_budgets(specs, plan)  # bad budgets fail before loading
+    batches = None
+    if args.fidelity:  # bad paths fail before loading
+        batches, plan = suite.fidelity_batches(args.images, args.prompts, args.prompt, plan)
     console = Console()
     with console.status(f"loading {args.model} ..."):
         from ..models import load_model
 
         model, processor = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
     if args.fidelity:
-        document = evaluate_fidelity(model, processor, batches, specs, budgets, args)
+        document = suite.evaluate_fidelity(model, processor, batches, specs, plan)
     else:
-        document = evaluate_accuracy(model, processor, specs, budgets, args)
-    write_outputs(console, document, args)
+        document = suite.evaluate_accuracy(model, processor, specs, plan)
+    suite.write_outputs(document, args.out, console)
     return 0
-
-
-def fidelity_batches(args) -> list:
-    from ..evaluate.fidelity import collect_images, pair_batches, pair_up, read_prompts
-    from ..io import load_image
-
-    files = collect_images(args.images)
-    prompts = read_prompts(args.prompts, args.prompt)
-    images = [load_image(f) for f in files]
-    pairs = pair_up(images, prompts, args.limit)
-    args.pairs = [(str(f), p) for f in files for p in prompts][: len(pairs)]
-    return pair_batches(pairs, args.batch_size)
-
-
-def grid(model, processor, first_batch, specs, budgets, args):
-    """The method x budget configurations for this model's visual-token count and depth."""
-    from ..bench.specs import build_configs
-    from ..evaluate.harness import encode, visual_counts
-    from ..families import family_for
-
-    images, prompts = first_batch
-    n_visual = int(visual_counts(model, encode(processor, images[:1], prompts[:1], model))[0])
-    return build_configs(
-        specs, budgets, n_visual, family_for(model).geometry.num_layers, args.budgets is None
-    )
-
-
-@contextmanager
-def progress(total: int, label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with bar:
-        task = bar.add_task(label, total=total)
-
-        def advance(n: int, what: str | None = None) -> None:
-            bar.update(task, advance=n, description=what or label)
-
-        yield advance
-
-
-def run_grid(model, processor, batches, configs, max_new_tokens: int, n_items: int):
-    """Answers of the plain model, then of every configuration, under one progress bar."""
-    from ..evaluate.harness import answer
-
-    results = []
-    with progress(n_items * (len(configs) + 1), "eval") as advance:
-        for config in [None, *configs]:
-            name = "unpruned" if config is None else f"{config.label} @ {config.budget_label}"
-            method = None if config is None else config.method
-            tick = lambda n, name=name: advance(n, f"eval: {name}")  # noqa: E731
-            results.append(answer(model, processor, batches, method, max_new_tokens, tick))
-    return results
-
-
-def meta(config) -> dict:
-    from ..bench.runner import config_meta
-
-    if config is None:
-        return {"label": "unpruned", "method": None, "budgets": [], "settings": {}}
-    return config_meta(config)
-
-
-def evaluate_accuracy(model, processor, specs, budgets, args) -> dict:
-    from ..data.easyvqa import fixed_subset, load_split
-    from ..evaluate.harness import config_summary, default_instruction, item_batches
-
-    items = fixed_subset(load_split("test"), args.limit or 500, seed=0)
-    if args.instruction is None:
-        args.instruction = default_instruction(args.model)
-    batches = item_batches(items, args.batch_size, args.instruction)
-    configs = grid(model, processor, batches[0], specs, budgets, args)
-    answers = run_grid(model, processor, batches, configs, args.max_new_tokens, len(items))
-    reference = config_summary(items, answers[0].texts, answers[0].reached, 0.0)
-    rows = []
-    for config, result in zip([None, *configs], answers):
-        summary = config_summary(items, result.texts, result.reached, reference["accuracy"])
-        rows.append({**meta(config), **summary, "batch_stats": result.batches})
-    settings = eval_settings(model, args, configs, len(items), "easy-vqa test, fixed_subset(seed=0)")
-    return {"mode": "accuracy", "settings": settings, "rows": rows}
-
-
-def evaluate_fidelity(model, processor, batches, specs, budgets, args) -> dict:
-    from ..evaluate.fidelity import fidelity_summary
-    from ..evaluate.harness import mean
-
-    configs = grid(model, processor, batches[0], specs, budgets, args)
-    n_items = sum(len(prompts) for _, prompts in batches)
-    answers = run_grid(model, processor, batches, configs, args.max_new_tokens, n_items)
-    ref = answers[0]
-    rows = []
-    for config, result in zip([None, *configs], answers):
-        summary = fidelity_summary(ref.texts, ref.first_logits, result.texts, result.first_logits)
-        reached = {"layer_average_visual": mean(result.reached), "reached_per_sample": result.reached}
-        rows.append(
-            {**meta(config), **summary, **reached, "answers": result.texts, "batch_stats": result.batches}
-        )
-    settings = eval_settings(model, args, configs, n_items, "image x prompt pairs")
-    settings["pairs"] = args.pairs
-    return {"mode": "fidelity", "settings": settings, "rows": rows}
-
-
-def eval_settings(model, args, configs, n_items: int, data: str) -> dict:
-    from ..bench.runner import environment
-
-    return {
-        "model": args.model,
-        **environment(model, args.device, args.dtype),
-        "data": data,
-        "samples": n_items,
-        "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens,
-        "instruction": getattr(args, "instruction", None),
-        "greedy": True,
-        "budgets": args.budgets or "0.33,0.22,0.11",
-        "methods": [meta(c) for c in configs],
-    }
-
-
-def write_outputs(console, document: dict, args) -> None:
-    from rich.console import Console
-
-    from ..evaluate.report import accuracy_table, fidelity_table, plot_vs_budget
-
-    wide = Console(width=max(120, console.width))
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "eval.json").write_text(json.dumps(document, indent=1, default=str))
-    s, rows = document["settings"], document["rows"]
-    title = f"{s['model']} | {s['device']} {s['dtype']} {s['attention']} | {s['samples']} samples, greedy"
-    if document["mode"] == "accuracy":
-        wide.print(accuracy_table(rows, title))
-        plot_vs_budget(rows, "accuracy", "accuracy", args.out / "accuracy_vs_budget.png", title)
-        names = "eval.json, accuracy_vs_budget.png"
-    else:
-        wide.print(fidelity_table(rows, title))
-        ylabel = "answers identical to unpruned"
-        plot_vs_budget(rows, "identical", ylabel, args.out / "fidelity_vs_budget.png", title)
-        names = "eval.json, fidelity_vs_budget.png"
-    console.print(f"wrote {args.out}/{names}")

@@ -1,37 +1,29 @@
-"""``vistrim list``: every method, its idea in one line, its settings with defaults."""
+"""``vistrim list``: every method, its idea in one line, its settings (type, default, bounds, help)."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-
 from rich.console import Console
-from rich.table import Table
 
 from ..methods import REGISTRY
 
 
-def type_name(annotation) -> str:
-    text = str(annotation).replace("typing.", "")
-    return {
-        "<class 'int'>": "int",
-        "<class 'float'>": "float",
-        "<class 'str'>": "str",
-        "<class 'bool'>": "bool",
-    }.get(text, text.replace("Union[int, float]", "ratio|count").replace("int | float", "ratio|count"))
+def setting_lines(cls) -> list[str]:
+    """One line per setting: name: type = default (bounds)  help (from the method's field metadata)."""
+    lines = []
+    for entry in cls.schema():
+        bounds = f" ({entry['bounds']})" if entry["bounds"] else ""
+        head = f"{entry['name']}: {entry['type']} = {entry['default']!r}{bounds}"
+        lines.append(f"{head:<44} {entry['help']}".rstrip())
+    return lines
 
 
 def run_list(args) -> int:
-    table = Table(title="vistrim methods", show_lines=True)
-    table.add_column("method", style="bold")
-    table.add_column("idea")
-    table.add_column("settings (default)")
-    for name, cls in REGISTRY.items():
-        hints = typing.get_type_hints(cls)
-        fields = [f"{f.name}: {type_name(hints[f.name])} = {f.default!r}" for f in dataclasses.fields(cls)]
-        table.add_row(name, cls.summary, "\n".join(fields) or "-")
     console = Console(width=max(100, Console().width))
-    console.print(table)
+    console.print("[bold]methods[/bold] (settings: type = default (bounds)  help; set with --set key=value)")
+    for name, cls in REGISTRY.items():
+        console.print(f"{name}: {cls.summary}", markup=False, highlight=False)
+        for line in setting_lines(cls) or ["(no settings)"]:
+            console.print(f"    {line}", markup=False, highlight=False, overflow="fold")
     console.print("[bold]model families[/bold] (chosen by the model's class)")
     for line in family_lines():
         console.print(line, highlight=False)

@@ -28,7 +28,14 @@ def build_parser() -> Parser:
     run.add_argument("--prompt", required=True, help="question about the image")
     run.add_argument("--method", default="none", help="method name (see `vistrim list`)")
     add_method_args(run)
-    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument(
+        "--max-new-tokens",
+        "--new-tokens",
+        dest="max_new_tokens",
+        type=int,
+        default=32,
+        help="answer length (default 32)",
+    )
     run.add_argument("--json", help="also write the answer and statistics to this JSON file")
 
     add_eval_parser(commands)

@@ -55,7 +55,8 @@ def run_run(args) -> int:
     summary = session.stats.summary()
     report(console, answer.strip(), method, summary)
     if out is not None:
-        out.write_text(json.dumps({"model": args.model, "answer": answer, **summary}, indent=2))
+        record = {"model": args.model, "answer": answer, **summary, "settings_schema": method.schema()}
+        out.write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -20,11 +20,13 @@ from ..data.easyvqa import QTYPES, VQAItem, build_prompt, load_image, normalize_
 @dataclass
 class Answers:
     """Per item: the generated text, the first-token logits (float32, CPU) and the layer-averaged
-    visual tokens its prefill reached; per batch: the run statistics' summary (None unpruned)."""
+    visual tokens its prefill reached (also counted post-cut); per batch: the run statistics'
+    summary (None unpruned)."""
 
     texts: list[str] = field(default_factory=list)
     first_logits: list[torch.Tensor] = field(default_factory=list)
     reached: list[float] = field(default_factory=list)
+    reached_post_cut: list[float] = field(default_factory=list)  # the same, counted post-cut
     batches: list[dict | None] = field(default_factory=list)
 
 
@@ -90,6 +92,8 @@ def answer(
         stats = session.stats if session is not None else None
         reached = stats.layer_average() if stats is not None else visual_counts(model, inputs).double()
         result.reached += reached.tolist()
+        post_cut = stats.layer_average("post_cut") if stats is not None else reached
+        result.reached_post_cut += post_cut.tolist()
         result.batches.append(stats.summary() if stats is not None else None)
         if advance is not None:
             advance(len(prompts))

@@ -7,6 +7,11 @@ from pathlib import Path
 from rich.table import Table
 
 
+def post_cut(row: dict) -> float:
+    """A row's layer-averaged visual tokens counted post-cut (as released code logs them)."""
+    return row.get("layer_average_visual_post_cut", row["layer_average_visual"])
+
+
 def pct(value) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -14,7 +19,7 @@ def pct(value) -> str:
 def accuracy_table(rows: list[dict], title: str) -> Table:
     qtypes = sorted({q for r in rows for q in r["by_type"]})
     table = Table(title=title, title_justify="left")
-    for column in ("method", "budget", "tokens", "accuracy", "relative", *qtypes, "n"):
+    for column in ("method", "budget", "tokens", "post-cut", "accuracy", "relative", *qtypes, "n"):
         table.add_column(column, justify="left" if column in ("method", "budget") else "right")
     for r in rows:
         by_type = [pct(r["by_type"].get(q, {}).get("accuracy")) for q in qtypes]
@@ -22,6 +27,7 @@ def accuracy_table(rows: list[dict], title: str) -> Table:
             r["label"],
             budget_text(r),
             f"{r['layer_average_visual']:.1f}",
+            f"{post_cut(r):.1f}",
             pct(r["accuracy"]),
             pct(r["relative_accuracy"]),
             *by_type,
@@ -32,13 +38,14 @@ def accuracy_table(rows: list[dict], title: str) -> Table:
 
 def fidelity_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("method", "budget", "tokens", "identical", "KL first token", "n"):
+    for column in ("method", "budget", "tokens", "post-cut", "identical", "KL first token", "n"):
         table.add_column(column, justify="left" if column in ("method", "budget") else "right")
     for r in rows:
         table.add_row(
             r["label"],
             budget_text(r),
             f"{r['layer_average_visual']:.1f}",
+            f"{post_cut(r):.1f}",
             pct(r["identical"]),
             f"{r['kl_first_token']:.4f}",
             str(r["n"]),

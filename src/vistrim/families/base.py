@@ -245,6 +245,22 @@ class Family:
         q = q.transpose(1, 2)
         return self._rope(q, q, cos, sin)[0]
 
+    def key_rows(
+        self, layer: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Rotated keys (B, Hkv, n, d) of ``layer`` for the hidden-state rows (B, n, D) given (its
+        ``k_norm`` applied where it has one), as the layer's attention would compute them: for
+        ranking with a layer that has not run yet (PyramidDrop's released rule). Families that
+        override ``query_rows`` override this too."""
+        decoder = self.layers[layer]
+        attn = decoder.self_attn
+        k = attn.k_proj(decoder.input_layernorm(hidden))
+        k = k.view(*hidden.shape[:-1], -1, attn.head_dim)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        k = k.transpose(1, 2)
+        return self._rope(k, k, cos, sin)[1]
+
     def causal_mask(self, cache, pad2d: torch.Tensor, hidden: torch.Tensor, layer: int):
         """The language model's attention mask for one layer whose keys are ``pad2d`` (B, k) live,
         built by transformers' own builder (so every attention backend gets its format)."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 from ..errors import VistrimError
 from ..ops.mustdrop import (
@@ -21,7 +22,7 @@ from ..ops.mustdrop import (
     window_similarity,
 )
 from ..runtime.vision import VisionStage
-from .base import Budget, Method, check_budget, check_range, register, resolve_budget, scale_layer
+from .base import Budget, Counting, Method, Ratio, check_range, register, resolve_budget, scale_layer
 
 PRESETS = {"192": (0.001, 0.001), "128": (0.0012, 0.001), "64": (0.011, 0.01)}
 DEFAULT_THRESHOLDS = PRESETS["192"]  # alpha, beta without a preset
@@ -68,40 +69,52 @@ class MustDrop(Method):
     summary = (
         "merge similar windows in the vision tower, dual-attention filter at prefill, output-aware cache"
     )
+    keep_all_settings = {"merge_threshold": 2.0, "alpha": 0.0, "beta": 0.0}
+    pruning_settings = {"budget": 0.3}
 
-    vision: bool | Literal["auto"] = "auto"
-    window: int = 3
-    merge_threshold: float = 0.8
-    merge_layer: int = 0
-    key_ratio: float = 0.08
-    key_layer: int = -1
-    official: bool = False
-    prefill: bool = True
-    layers: tuple[int, ...] = (2, 6, 10, 14)
-    depth_ref: int = 32
-    preset: Literal["", "192", "128", "64"] = ""
-    alpha: float | None = None
-    beta: float | None = None
-    budget: Budget | None = None
-    positions: Literal["original", "renumber"] = "original"
-    decode: bool = True
-    decode_evict: bool = False
-    decode_beta: float = 0.01
-    decode_every: int = 1
-    attention: Literal["rows", "eager"] = "rows"
+    vision: Annotated[
+        bool | Literal["auto"], Field(description="vision-tower stage: auto (where supported), true, false")
+    ] = "auto"
+    window: Annotated[int, Field(ge=2, description="merge windows are window x window patches")] = 3
+    merge_threshold: Annotated[
+        float, Field(ge=-1.0, description="a window merges if its mean cosine similarity is >= this")
+    ] = 0.8
+    merge_layer: Annotated[int, Field(ge=0, description="vision layer after which windows merge")] = 0
+    key_ratio: Annotated[Ratio, Field(description="share of patches in the protected key set")] = 0.08
+    key_layer: Annotated[int, Field(description="vision layer whose CLS attention picks the key set")] = -1
+    official: Annotated[
+        bool, Field(description="released merge: equal counts over the batch, merged tokens first")
+    ] = False
+    prefill: Annotated[bool, Field(description="dual-attention filter at the pruning layers")] = True
+    layers: Annotated[
+        tuple[int, ...], Field(description="pruning layers, given for depth_ref layers and scaled")
+    ] = (2, 6, 10, 14)
+    depth_ref: Annotated[int, Field(ge=0, description="layers are given for this depth (0 = as given)")] = 32
+    preset: Annotated[
+        Literal["", "192", "128", "64"], Field(description="the released (alpha, beta) for a budget")
+    ] = ""
+    alpha: Annotated[
+        float | None, Field(ge=0.0, description="global threshold (share of the summed attention)")
+    ] = None
+    beta: Annotated[float | None, Field(ge=0.0, description="individual threshold (max attention)")] = None
+    budget: Annotated[
+        Budget | None, Field(description="exact-budget mode: layer-averaged visual tokens (ratio or count)")
+    ] = None
+    counting: Annotated[
+        Counting, Field(description="budget counted as each layer processes, or post-cut as released logs")
+    ] = "processed"
+    positions: Annotated[
+        Literal["original", "renumber"], Field(description="keep original positions, or renumber as released")
+    ] = "original"
+    decode: Annotated[bool, Field(description="output-aware cache after prefill")] = True
+    decode_evict: Annotated[bool, Field(description="attention-aware eviction while decoding (ours)")] = False
+    decode_beta: Annotated[float, Field(ge=0.0, description="decode_evict: attention an entry needs")] = 0.01
+    decode_every: Annotated[int, Field(ge=1, description="decode_evict: every this many steps")] = 1
+    attention: Annotated[
+        Literal["rows", "eager"], Field(description="rows rebuilt from q and k, or full matrices as released")
+    ] = "rows"
 
     def validate(self) -> None:
-        check_range(self.window, "mustdrop.window", low=2)
-        check_range(self.merge_threshold, "mustdrop.merge_threshold", low=-1.0)
-        check_range(self.merge_layer, "mustdrop.merge_layer", low=0)
-        check_range(self.key_ratio, "mustdrop.key_ratio", 0.0, 1.0)
-        check_range(self.depth_ref, "mustdrop.depth_ref", low=0)
-        for field in ("alpha", "beta", "decode_beta"):
-            if getattr(self, field) is not None:
-                check_range(getattr(self, field), f"mustdrop.{field}", low=0.0)
-        check_range(self.decode_every, "mustdrop.decode_every", low=1)
-        if self.budget is not None:
-            check_budget(self.budget, "mustdrop.budget")
         if self.prefill and (
             not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0
         ):
@@ -146,8 +159,10 @@ class MustDrop(Method):
         scaled = {scale_layer(layer, self.depth_ref or None, num_layers) for layer in self.layers}
         return sorted(layer for layer in scaled if layer < num_layers - 1)
 
-    def at_budget(self, target: float, n_visual: int, num_layers: int) -> MustDrop:
-        return dataclasses.replace(self, budget=int(round(target)))
+    def at_budget(
+        self, target: float, n_visual: int, num_layers: int, counting: Counting = "processed"
+    ) -> MustDrop:
+        return dataclasses.replace(self, budget=int(round(target)), counting=counting)
 
     # ------------------------------------------------------------------ vision stage
     def install(self, session) -> None:
@@ -240,7 +255,12 @@ class MustDrop(Method):
         available, original, floor = ctx.visual_counts(), ctx.initial_visual_counts(), key.sum(-1)
         rows = [
             stage_counts(
-                int(n), resolve_budget(self.budget, int(n0)), pruning, ctx.geometry.num_layers, int(f)
+                int(n),
+                resolve_budget(self.budget, int(n0)),
+                pruning,
+                ctx.geometry.num_layers,
+                int(f),
+                post_cut=self.counting == "post_cut",
             )
             for n, n0, f in zip(available, original, floor)
         ]

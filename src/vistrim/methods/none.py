@@ -14,9 +14,10 @@ class NoTrim(Method):
 
     name = "none"
     summary = "keep every visual token (reference)"
+    keep_all_settings = {}
 
     def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
         return [n_visual] * num_layers
 
-    def at_budget(self, target: float, n_visual: int, num_layers: int) -> NoTrim:
+    def at_budget(self, target: float, n_visual: int, num_layers: int, counting: str = "processed") -> NoTrim:
         return self

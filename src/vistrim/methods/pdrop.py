@@ -4,65 +4,84 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from ..ops.select import budget_counts, ratio_count
-from .base import Method, check_range, layer_average, register, solve_increasing
+from pydantic import Field
+
+from ..ops.select import ratio_count
+from .base import Ratio, check_range, register
+from .scorer import ScorerMethod
 
 
 @register
 @dataclass
-class PyramidDrop(Method):
+class PyramidDrop(ScorerMethod):
     """PyramidDrop (Xing et al., CVPR 2025, arXiv 2410.17247).
 
-    The decoder is split into S equal stages; at the end of each stage but the last, a fraction
-    lambda of the remaining visual tokens is kept, ranked by the attention of the last instruction
-    token at the stage's last layer (rebuilt from q and k). Paper symbols -> fields: S -> ``stages``
-    (4 stages of 8 layers in a 32-layer model, scaled to the model's depth), lambda -> ``ratio``.
-    Choice: the ranking uses the last layer of the ending stage (as FastV uses layer K-1), so no
-    extra key projection is computed for the first layer of the next stage.
+    The decoder is split into S equal stages; at the end of each stage but the last a fraction
+    lambda of the visual tokens is kept, ranked by the attention of the last instruction token.
+    Paper symbols -> fields: S -> ``stages`` (4 stages of 8 layers in a 32-layer model, scaled to
+    the model's depth), lambda -> ``ratio``.
+
+    Defaults (vistrim's rule): the ranking uses the layer that just ran (``rank=this``, as FastV
+    uses layer K-1: no extra key projection), positions stay original, and each cut keeps
+    ceil(lambda * current) (``rounding=ceil``). ``official=true`` is the released code's rule and
+    sets the three switches: ``rank=next`` (the next layer's queries and keys, computed from the
+    output of the layer that just ran, at the current positions: released ``rank_layer =
+    layer_idx + 1``), ``positions=renumber`` (contiguous positions after each cut, also while
+    decoding) and ``rounding=official`` (stage s keeps int(N * lambda^s) of the prompt's N).
+    Families with multi-axis positions (mRoPE) refuse renumbering, hence ``official``.
     """
 
     name = "pdrop"
     summary = "at the end of each of S equal stages keep a fraction lambda of the visual tokens"
+    keep_all_settings = {"ratio": 1.0}
+    pruning_settings = {"ratio": 0.5}
+    budget_field = "ratio"
 
-    stages: int = 4
-    ratio: float = 0.5
+    stages: Annotated[int, Field(ge=1, description="S: equal stages; a cut ends each but the last")] = 4
+    ratio: Annotated[Ratio, Field(description="lambda: share of the visual tokens each cut keeps")] = 0.5
+    official: Annotated[
+        bool, Field(description="the released rule: sets rank=next, positions=renumber, rounding=official")
+    ] = False
+    rank: Annotated[
+        Literal["this", "next"], Field(description="rank with the layer that just ran or the next one")
+    ] = "this"
+    positions: Annotated[
+        Literal["original", "renumber"], Field(description="keep original positions or renumber them")
+    ] = "original"
+    rounding: Annotated[
+        Literal["ceil", "official"],
+        Field(description="counts: ceil(lambda*current), or int(N*lambda^s) as released"),
+    ] = "ceil"
 
     def validate(self) -> None:
-        check_range(self.stages, "pdrop.stages", low=1)
-        check_range(self.ratio, "pdrop.ratio", 0.0, 1.0)
+        if self.official:
+            self.rank, self.positions, self.rounding = "next", "renumber", "official"
 
     def bind(self, geo) -> None:
         check_range(self.stages, "pdrop.stages", 1, geo.num_layers)
 
-    def stage_ends(self, num_layers: int) -> list[int]:
+    def cut_layers(self, num_layers: int) -> list[int]:
         """Last layer of every stage but the final one."""
         return [round(s * num_layers / self.stages) - 1 for s in range(1, self.stages)]
 
-    def prefill_layers(self, geo):
-        return self.stage_ends(geo.num_layers)
+    def kept(self, layer: int, initial: int, current: int, num_layers: int) -> int:
+        if self.rounding == "official":
+            stage = self.cut_layers(num_layers).index(layer) + 1
+            return official_count(initial, self.ratio, stage)
+        return ratio_count(self.ratio, current)
 
-    def on_prefill_layer(self, ctx, layer: int) -> None:
-        scores = ctx.attention("last").probs[:, 0]
-        ctx.keep_top(scores, budget_counts(self.ratio, ctx.visual_counts()))
+    def score(self, ctx, layer: int):
+        return ctx.attention("last", next_layer=self.rank == "next").probs[:, 0]
 
-    def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
-        ends, counts, current = set(self.stage_ends(num_layers)), [], n_visual
-        for layer in range(num_layers):
-            counts.append(current)
-            if layer in ends:
-                current = ratio_count(self.ratio, current)
-        return counts
+    def earlier(self, num_layers: int) -> PyramidDrop | None:
+        if self.stages >= num_layers:
+            return None
+        return dataclasses.replace(self, stages=self.stages + 1)
 
-    def at_budget(self, target: float, n_visual: int, num_layers: int) -> PyramidDrop:
-        """Solves lambda; adds stages (an earlier first cut) only when the budget needs it."""
-        method = self
 
-        def average(ratio: float) -> float:
-            return layer_average(
-                dataclasses.replace(method, ratio=ratio).predict_prefill(n_visual, num_layers)
-            )
-
-        while method.stages < num_layers and average(0.0) > target:
-            method = dataclasses.replace(method, stages=method.stages + 1)
-        return dataclasses.replace(method, ratio=solve_increasing(average, target, 0.0, 1.0))
+def official_count(initial: int, ratio: float, stage: int) -> int:
+    """int(N * lambda^s), as the released code computes it from a written list of ratios (the
+    guard keeps 0.3**2 * 100 at 9, as a written 0.09 gives)."""
+    return int(initial * ratio**stage + 1e-9)

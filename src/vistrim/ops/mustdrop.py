@@ -139,16 +139,20 @@ def dual_margin(g: torch.Tensor, u: torch.Tensor, alpha: float, beta: float) -> 
 
 
 def stage_counts(
-    n: int, target: float, stage_layers: list[int], num_layers: int, floor: int = 0
+    n: int, target: float, stage_layers: list[int], num_layers: int, floor: int = 0, post_cut: bool = False
 ) -> list[int]:
     """Visual tokens to keep after each pruning layer so that the layer average is ``target``.
 
     Layers up to the first pruning layer see all ``n``; after pruning layer s the count is
     n * lam^(s+1) for one lam solved by bisection; the last stage's count then absorbs rounding
     so the average lands within one token of the target. Counts never go below ``floor``.
+    The average counts what each layer processes, or with ``post_cut`` what a layer leaves after its
+    cut (how the released code logs it): every stage then covers its pruning layer too.
     """
-    spans = [end - start for start, end in zip(stage_layers, [*stage_layers[1:], num_layers - 1])]
-    head = n * (stage_layers[0] + 1)
+    shift = int(post_cut)
+    ends = [*stage_layers[1:], num_layers - 1 + shift]
+    spans = [end - start for start, end in zip(stage_layers, ends)]
+    head = n * (stage_layers[0] + 1 - shift)
 
     def counts(lam: float) -> list[int]:
         return [max(floor, min(n, math.floor(n * lam ** (s + 1) + 0.5))) for s in range(len(stage_layers))]

@@ -56,3 +56,11 @@ def anneal(step: int, *, curve: str, horizon: float) -> float:
     if curve == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown annealing curve {curve!r}")
+
+
+def stride_ratio(layer: int, cuts: Sequence[int], prune_ratio: float, min_ratio: float = 0.0) -> float:
+    """rho(layer) of a stride schedule: (1 - R)^c, c = how many cuts happen after layers before
+    ``layer`` (``cuts`` lists the layer after which each cut happens; a layer listed twice cuts
+    twice), never below ``min_ratio``."""
+    count = sum(1 for at in cuts if at < layer)
+    return max(min_ratio, (1.0 - prune_ratio) ** count) if count else 1.0

@@ -26,6 +26,17 @@ def ratio_count(ratio: float, n: int) -> int:
     return min(n, max(0, math.ceil(ratio * n - 1e-9)))
 
 
+def kept_count(keep: int | float, n: int, rounding: str = "ceil") -> int:
+    """How many of ``n`` tokens a keep setting leaves: a count is capped at ``n``; a ratio is
+    rounded up (``ceil``, guarded against float noise) or to the nearest, half to even
+    (``official``: Python's ``round``, as FastV's released code rounds)."""
+    if not isinstance(keep, float):
+        return min(max(int(keep), 0), n)
+    if rounding == "official":
+        return min(n, max(0, round(n * keep)))
+    return ratio_count(keep, n)
+
+
 def topk_mask(scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the ``counts[b]`` highest-scoring valid entries of each row.
 

@@ -85,6 +85,7 @@ class Context:
         self._entry_cut: torch.Tensor | None = None  # vision stage: entries gone before layer 0
         self.inputs: dict = {}  # prefill: the core's keyword arguments, editable by the vision stage
         self.scratch: dict = {}  # method-private state for this pass
+        self.output: torch.Tensor | None = None  # the current layer's output (B, n, D), in its hooks
         self._stash: tuple | None = None
         self._masks: dict = {}
         self._rope: tuple | None = None
@@ -119,8 +120,19 @@ class Context:
         return [zlib.crc32(ids[b][real[b]].cpu().numpy().tobytes()) for b in range(ids.shape[0])]
 
     @torch.no_grad()
+    def visual_states(self) -> torch.Tensor:
+        """Prefill: the output hidden states (B, V, D) of the layer that just ran at the visual
+        slots (zeros for invalid slots)."""
+        index, valid = self.visual_slots()
+        return gather_rows(self.output, index, 1) * valid[..., None]
+
+    @torch.no_grad()
     def attention(
-        self, queries: Literal["last", "text"] = "last", per_head: bool = False, full: bool = False
+        self,
+        queries: Literal["last", "text"] = "last",
+        per_head: bool = False,
+        full: bool = False,
+        next_layer: bool = False,
     ) -> Rows:
         """Attention from query rows to the visual slots at the layer that just ran.
 
@@ -130,8 +142,15 @@ class Context:
         layer's queries and its cached keys; the model's own attention is never changed.
         ``full`` first materialises every query row (the whole attention matrix, as reference code
         that reads eager attention maps does) and then reads the rows asked for: slower, same result.
+        ``next_layer`` (prefill): the attention the *next* layer will compute over the current
+        tokens before any cut, its queries and keys projected from this layer's output at the
+        current positions (PyramidDrop's released ranking); costs one key projection of the sequence.
         """
         layer, hidden, cos, sin = self._stash
+        if next_layer:
+            if self.phase != PREFILL or full or layer + 1 >= self.geometry.num_layers:
+                raise VistrimError("next-layer attention is for prefill, rows only, before the last layer")
+            layer, hidden = layer + 1, self.output
         if queries == "text" and self.phase == PREFILL:
             rows, query_valid = self._text_rows()
         elif queries in ("last", "text"):
@@ -143,6 +162,8 @@ class Context:
             every = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
             probs = self._probs(layer, hidden, cos, sin, every, torch.ones_like(every, dtype=torch.bool))
             probs = probs.gather(2, rows[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[3]))
+        elif next_layer:
+            probs = self._next_probs(layer, hidden, cos, sin, rows, query_valid)
         else:
             probs = self._probs(layer, hidden, cos, sin, rows, query_valid)
         slot_index, slot_valid = self.visual_slots()
@@ -166,6 +187,16 @@ class Context:
         causal = torch.arange(keys.shape[2], device=keys.device)[None, None, :] <= (rows + offset)[..., None]
         allowed = (causal & self._key_live(layer)[:, None, :]) | ~query_valid[..., None]
         return attention_probs(q, keys, self.session.adapter.scaling, allowed)
+
+    def _next_probs(self, layer, hidden, cos, sin, rows, query_valid) -> torch.Tensor:
+        """(B, H, m, n) attention of ``layer`` (not run yet) over the tokens ``hidden`` will feed it."""
+        adapter = self.session.adapter
+        picked = (gather_rows(hidden, rows, 1), gather_rows(cos, rows, 1), gather_rows(sin, rows, 1))
+        q = adapter.query_rows(layer, *picked)
+        keys = adapter.key_rows(layer, hidden, cos, sin)
+        causal = torch.arange(keys.shape[2], device=keys.device)[None, None, :] <= rows[..., None]
+        allowed = (causal & self.state.live[:, None, :]) | ~query_valid[..., None]
+        return attention_probs(q, keys, adapter.scaling, allowed)
 
     # ------------------------------------------------------------------ acting
     def keep(self, keep_slots: torch.Tensor) -> None:

@@ -52,6 +52,11 @@ class Session:
         self._decode_layers = frozenset(method.decode_layers(geo))
         self.renumber = getattr(method, "positions", "original") == "renumber"
         if self.renumber and not self.adapter.renumber:
+            if getattr(method, "official", False):  # official rules that renumber (PyramidDrop's)
+                raise VistrimError(
+                    f"{method.name}.official=true renumbers positions as the released code does, which is "
+                    f"not defined for {self.adapter.name} (multi-axis positions); use official=false"
+                )
             raise VistrimError(
                 f"{method.name}.positions=renumber is not defined for {self.adapter.name} "
                 "(multi-axis positions); use positions=original"
@@ -255,7 +260,7 @@ class Session:
         if ctx is None:
             return None
         started = time.perf_counter()
-        ctx.layer = index
+        ctx.layer, ctx.output = index, output
         if ctx.phase == PREFILL:
             if index in self._prefill_layers:
                 self.method.on_prefill_layer(ctx, index)
@@ -265,7 +270,7 @@ class Session:
                 self.adapter.after_cut(ctx, index, cut, old_src)
         elif index in self._decode_layers:
             self.method.on_decode_layer(ctx, index)
-        ctx._stash = None
+        ctx._stash = ctx.output = None
         self.stats.add_hook_time(ctx.phase, time.perf_counter() - started)
         return output
 

@@ -56,14 +56,20 @@ class RunStats:
         src, live, visual = self.prefill_layers[layer]
         return [src[b][(live & visual)[b]] for b in range(src.shape[0])]
 
-    def layer_average(self) -> torch.Tensor:
-        """(B,) layer-averaged visual tokens: the budget papers compare at."""
+    def layer_average(self, counting: str = "processed") -> torch.Tensor:
+        """(B,) layer-averaged visual tokens: the budget papers compare at. ``processed`` (vistrim's
+        count) averages what each layer processes; ``post_cut`` what each layer leaves after its
+        own cut (a pruning layer counts its survivors), as MustDrop's and others' released code
+        logs it: lower by (N - final) / L, so a paper's "64" may be more than 64 processed."""
         if not self.prefill_layers:
             return torch.zeros(self.batch_size, dtype=torch.double)
-        return self.prefill_visual().double().mean(0)
+        counts = self.prefill_visual().double()
+        if counting == "post_cut":
+            counts = torch.cat([counts[1:], counts[-1:]])
+        return counts.mean(0)
 
-    def layer_average_mean(self) -> float:
-        average = self.layer_average()
+    def layer_average_mean(self, counting: str = "processed") -> float:
+        average = self.layer_average(counting)
         return float(average.mean()) if average.numel() else 0.0
 
     def kv_ratio_prefill(self) -> float:
@@ -108,6 +114,7 @@ class RunStats:
             "visual_in": self.visual_in.double().mean().item() if self.visual_in.numel() else 0.0,
             "prefill_visual_per_layer": self.prefill_visual().double().mean(1).tolist(),
             "layer_average_visual": self.layer_average_mean(),
+            "layer_average_visual_post_cut": self.layer_average_mean("post_cut"),
             "cache_visual_after_prefill": _layer_means(self.cache_visual_prefill),
             "cache_visual_final": _layer_means(self.cache_visual_final),
             "kv_bytes_after_prefill": sum(self.kv_bytes_prefill),
