@@ -116,7 +116,7 @@ class Qwen3VL(Qwen2VL):
         )
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        from ..models.processors import image_only
+        from ..models.processors import image_only, with_frame_videos
         from ..models.tiny import _WORDS, seeded
         from ..models.tokenizer import word_level_tokenizer
 
@@ -136,11 +136,13 @@ class Qwen3VL(Qwen2VL):
             temporal_patch_size=2,
             size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64},
         )
-        processor = image_only(
-            Qwen3VLProcessor,
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            chat_template=CHAT_TEMPLATE,
+        processor = with_frame_videos(
+            image_only(
+                Qwen3VLProcessor,
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                chat_template=CHAT_TEMPLATE,
+            )
         )
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in PLACEHOLDERS}
         text = dict(
