@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,7 +20,8 @@ from PIL import Image
 from reference import allowed_to_mask
 
 import vistrim
-from vistrim.families import FAMILIES, family_for
+from vistrim.errors import VistrimError
+from vistrim.families import FAMILIES, REFUSED, family_for
 from vistrim.methods.base import Method
 
 VARIANTS = {name: build for family in FAMILIES.values() for name, build in family.tiny_variants().items()}
@@ -514,3 +516,12 @@ def test_frames_are_laid_out_as_the_model_reads_a_video(video_variant):
     later = processor.image_processor([second], return_tensors="pt")["pixel_values"].view_as(slots)
     assert torch.equal(slots[:, :, 0], image["pixel_values"].view_as(slots)[:, :, 0])
     assert torch.equal(slots[:, :, -1], later[:, :, -1])
+
+
+@pytest.mark.parametrize("class_name", sorted(REFUSED))
+def test_refused_classes_get_their_reason_in_one_line(class_name):
+    model = type(class_name, (torch.nn.Module,), {})()
+    with pytest.raises(VistrimError, match=re.escape(REFUSED[class_name])) as error:
+        with vistrim.trim(model, "fastv"):
+            pass
+    assert "\n" not in str(error.value) and class_name in str(error.value)

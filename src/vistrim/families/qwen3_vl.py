@@ -20,11 +20,12 @@
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 import torch
 
-from .base import register
+from .base import refuse, register
 from .qwen2_vl import PLACEHOLDERS, Qwen2VL
 
 # Qwen3-VL's chat template writes <|vision_start|><|video_pad|><|vision_end|> too; its processor
@@ -41,6 +42,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 _STATE = "qwen3_vl.deepstack"
+
+refuse(
+    "its language model interleaves Gated DeltaNet linear-attention layers, which keep a recurrent "
+    "state and a convolution window instead of a per-token KV cache that tokens can leave",
+    "Qwen3_5ForConditionalGeneration",
+    "Qwen3_5Model",
+    "Qwen3_5MoeForConditionalGeneration",
+    "Qwen3_5MoeModel",
+)
 
 
 @register
@@ -60,10 +70,12 @@ class Qwen3VL(Qwen2VL):
     # ------------------------------------------------------------------ DeepStack
     def install(self, session) -> None:
         session.state.pop(_STATE, None)
-        hook = partial(self._language_model_pre, session)
+        params = list(inspect.signature(self.lm.forward).parameters)
+        hook = partial(self._language_model_pre, session, params)
         session.add_handle(self.lm.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def _language_model_pre(self, session, module, args, kwargs):
+    def _language_model_pre(self, session, params, module, args, kwargs):
+        kwargs = {**dict(zip(params, args)), **kwargs}
         features = kwargs.get("deepstack_visual_embeds")
         mask = kwargs.get("visual_pos_masks")
         if features is None or mask is None:
@@ -74,7 +86,7 @@ class Qwen3VL(Qwen2VL):
         live_mask, live_features = mask.clone(), list(features)
         session.state[_STATE] = (mask, list(features), live_mask, live_features)
         kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"] = live_mask, live_features
-        return args, kwargs
+        return (), kwargs
 
     def after_cut(self, ctx, layer: int, index: torch.Tensor | None, old_src: torch.Tensor) -> None:
         record = ctx.session.state.get(_STATE)
@@ -90,6 +102,25 @@ class Qwen3VL(Qwen2VL):
             live_features[j] = features[j].index_select(0, rows.to(features[j].device))
         # The loop holds the mask in a local variable: it is narrowed in place.
         live_mask.set_(kept)
+
+    # ------------------------------------------------------------------ measurement
+    def flops_shape(self):
+        """Decoder only (the tower is not LLaVA's); for MoE the MLP width is that of the experts
+        a token runs through (``num_experts_per_tok`` x ``moe_intermediate_size``; the router's
+        small product is left out like norms), averaged over the layers when some are dense."""
+        import dataclasses
+
+        shape = super().flops_shape()
+        text = self.text_config
+        if not getattr(text, "num_experts", 0):
+            return shape
+        sparse = [
+            i not in (text.mlp_only_layers or ()) and (i + 1) % text.decoder_sparse_step == 0
+            for i in range(self.geometry.num_layers)
+        ]
+        active = text.num_experts_per_tok * text.moe_intermediate_size
+        widths = [active if is_sparse else text.intermediate_size for is_sparse in sparse]
+        return dataclasses.replace(shape, intermediate=round(sum(widths) / len(widths)))
 
     # ------------------------------------------------------------------ tests and demos
     @classmethod
@@ -181,7 +212,7 @@ class Qwen3VL(Qwen2VL):
         config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
         if moe:
             config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1)
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
         config = config_cls(
             text_config=text,
             vision_config=vision,
