@@ -7,6 +7,10 @@
   ``rope_deltas``; the language model folds them into ordinary (B, n, d) cos/sin before its layers,
   so a cut slices them like Llama's. New tokens continue at text position + ``rope_deltas``;
   ``positions=renumber`` is refused (there is no single contiguous numbering of three axes).
+- Videos: ``pixel_values_videos`` + ``video_grid_thw`` (+ ``second_per_grid_ts`` in 2.5); their
+  placeholders are visual tokens like an image's (``mm_token_type_ids`` 2), trimmed with them.
+  Where torchvision is missing, ``models.processors.with_frame_videos`` lets the processor take a
+  video as frames (the tiny processors do).
 - Vision stage: refused. The tower attends over packed patches of every image (windowed in 2.5)
   and a 2x2 PatchMerger turns four patches into one token; a window merge would need a new
   patch grid per image and consistent mRoPE ids for the merged tokens, which we do not define.

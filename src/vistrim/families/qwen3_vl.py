@@ -4,7 +4,8 @@
   module interleaves the three mRoPE axes over the frequencies and returns ordinary (B, n, d)
   cos/sin, so a cut slices them like Llama's; attention has ``q_norm``/``k_norm`` on the head
   dimension (``Family.query_rows`` applies ``q_norm``). A video enters as one
-  ``<|vision_start|>`` ... ``<|vision_end|>`` run per temporal patch, each after a timestamp text.
+  ``<|vision_start|>`` ... ``<|vision_end|>`` run per temporal patch, each after a timestamp text,
+  so ``Layout.item`` numbers a video's temporal patches as items of their own.
 - DeepStack: the vision tower also emits features from some of its layers, and the language model
   adds feature ``j`` to the hidden states of the visual placeholders (``visual_pos_masks``) right
   after decoder layer ``j``, inside its own layer loop. A prefill cut after layer ``l`` shortens
@@ -152,7 +153,7 @@ class Qwen3VL(Qwen2VL):
         from ..models.tokenizer import word_level_tokenizer
 
         tokenizer = word_level_tokenizer(
-            [*_WORDS, "seconds", "<", ">"],
+            [*_WORDS, "seconds", "<", ">", *"0123456789"],  # video timestamps
             PLACEHOLDERS,
             {
                 "image_token": "<|image_pad|>",

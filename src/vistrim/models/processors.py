@@ -6,7 +6,8 @@ even for images only. Where torchvision is missing (this CPU environment, and so
 ``image_only`` builds the family's *own* processor class without a video processor: a subclass
 created here whose only change is that it does not list ``video_processor`` among its parts; all
 processing (placeholder expansion, ``mm_token_type_ids``, chat templates) is transformers'
-unchanged code. Videos need torchvision (or pixel values made by the family's image processor).
+unchanged code. Videos need torchvision, or, for Qwen-style processors, ``with_frame_videos``:
+frames through the family's image processor.
 """
 
 from __future__ import annotations
