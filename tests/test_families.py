@@ -6,6 +6,7 @@ nothing here names a family, a model class or a token id.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import re
@@ -26,9 +27,27 @@ from vistrim.methods.base import Method
 
 VARIANTS = {name: build for family in FAMILIES.values() for name, build in family.tiny_variants().items()}
 REQUIRES = {name: family.tiny_requires for family in FAMILIES.values() for name in family.tiny_variants()}
-# Families that take videos: their tiny processors take a video as a list of frames.
+
+
+def buildable(name: str) -> list[str]:
+    """The modules a variant's tiny builder needs that are missing here."""
+    return [module for module in REQUIRES[name] if importlib.util.find_spec(module) is None]
+
+
+@functools.cache
+def tiny(name: str):
+    """The SDPA model and processor of a variant, built once for every test that uses it."""
+    return VARIANTS[name](seed=0)
+
+
+# Video families whose tiny processor takes a video as a list of frames (``processor(videos=...)``
+# needs a video processor; families whose tiny processors have none test videos in their own files).
 VIDEO_VARIANTS = sorted(
-    name for family in FAMILIES.values() if family.videos for name in family.tiny_variants()
+    name
+    for family in FAMILIES.values()
+    if family.videos
+    for name in family.tiny_variants()
+    if not buildable(name) and getattr(tiny(name)[1], "video_processor", None) is not None
 )
 
 QUESTIONS = [
@@ -98,12 +117,11 @@ def encode_rows(processor, rows) -> dict:
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request):
-    missing = [module for module in REQUIRES[request.param] if importlib.util.find_spec(module) is None]
+    missing = buildable(request.param)
     if missing:
         pytest.skip(f"{request.param}: its tiny builder needs {', '.join(missing)}")
-    build = VARIANTS[request.param]
-    model, processor = build(seed=0)
-    eager, _ = build(seed=0, attn_implementation="eager")
+    model, processor = tiny(request.param)
+    eager, _ = VARIANTS[request.param](seed=0, attn_implementation="eager")
     return request.param, model, eager, processor
 
 
@@ -449,7 +467,7 @@ VIDEOS = [
 
 @pytest.fixture(scope="module", params=VIDEO_VARIANTS)
 def video_variant(request):
-    model, processor = VARIANTS[request.param](seed=0)
+    model, processor = tiny(request.param)
     return model, processor, encode_rows(processor, VIDEOS)
 
 
