@@ -5,7 +5,9 @@
   cos/sin, so a cut slices them like Llama's; attention has ``q_norm``/``k_norm`` on the head
   dimension (``Family.query_rows`` applies ``q_norm``). A video enters as one
   ``<|vision_start|>`` ... ``<|vision_end|>`` run per temporal patch, each after a timestamp text,
-  so ``Layout.item`` numbers a video's temporal patches as items of their own.
+  so ``Layout.item`` numbers a video's temporal patches as items of their own. (transformers
+  5.23/5.24 expand ``<|video_pad|>`` alone, so the chat template's own boundary tokens stay around
+  the whole video: text either way.)
 - DeepStack: the vision tower also emits features from some of its layers, and the language model
   adds feature ``j`` to the hidden states of the visual placeholders (``visual_pos_masks``) right
   after decoder layer ``j``, inside its own layer loop. A prefill cut after layer ``l`` shortens
@@ -27,21 +29,8 @@ from functools import partial
 import torch
 
 from .base import refuse, register
-from .qwen2_vl import PLACEHOLDERS, Qwen2VL
+from .qwen2_vl import CHAT_TEMPLATE, PLACEHOLDERS, Qwen2VL
 
-# Qwen3-VL's chat template writes <|vision_start|><|video_pad|><|vision_end|> too; its processor
-# expands <|video_pad|> alone into "<t seconds><|vision_start|>pads<|vision_end|>" per temporal
-# patch, so this template leaves the boundary tokens of a video to the processor.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' %}<|video_pad|>"
-    "{% else %}{{ item['text'] }}{% endif %}"
-    "{% endfor %} {% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
 _STATE = "qwen3_vl.deepstack"
 
 refuse(
