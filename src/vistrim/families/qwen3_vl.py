@@ -28,19 +28,10 @@ from functools import partial
 
 import torch
 
-from .base import refuse, register
+from .base import register
 from .qwen2_vl import CHAT_TEMPLATE, PLACEHOLDERS, Qwen2VL
 
 _STATE = "qwen3_vl.deepstack"
-
-refuse(
-    "its language model interleaves Gated DeltaNet linear-attention layers, which keep a recurrent "
-    "state and a convolution window instead of a per-token KV cache that tokens can leave",
-    "Qwen3_5ForConditionalGeneration",
-    "Qwen3_5Model",
-    "Qwen3_5MoeForConditionalGeneration",
-    "Qwen3_5MoeModel",
-)
 
 
 @register
