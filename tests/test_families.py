@@ -6,8 +6,10 @@ nothing here names a family, a model class or a token id.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
+import re
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,12 +21,35 @@ from PIL import Image
 from reference import allowed_to_mask
 
 import vistrim
-from vistrim.families import FAMILIES, family_for
+from vistrim.errors import VistrimError
+from vistrim.families import FAMILIES, REFUSED, family_for
 from vistrim.methods.base import REGISTRY, Method
 from vistrim.methods.scorer import ScorerMethod
 
 VARIANTS = {name: build for family in FAMILIES.values() for name, build in family.tiny_variants().items()}
 REQUIRES = {name: family.tiny_requires for family in FAMILIES.values() for name in family.tiny_variants()}
+
+
+def buildable(name: str) -> list[str]:
+    """The modules a variant's tiny builder needs that are missing here."""
+    return [module for module in REQUIRES[name] if importlib.util.find_spec(module) is None]
+
+
+@functools.cache
+def tiny(name: str):
+    """The SDPA model and processor of a variant, built once for every test that uses it."""
+    return VARIANTS[name](seed=0)
+
+
+# Video families whose tiny processor takes a video as a list of frames (``processor(videos=...)``
+# needs a video processor; families whose tiny processors have none test videos in their own files).
+VIDEO_VARIANTS = sorted(
+    name
+    for family in FAMILIES.values()
+    if family.videos
+    for name in family.tiny_variants()
+    if not buildable(name) and getattr(tiny(name)[1], "video_processor", None) is not None
+)
 
 QUESTIONS = [
     ("what color is the shape ?", (32, 32), True),
@@ -59,26 +84,45 @@ def prompt(processor, question: str, image_first: bool) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def encode(processor, items) -> dict:
+def encode(processor, items, first_seed: int = 0) -> dict:
+    """Left-padded inputs of (question, image size, image first) items; item i's picture has seed
+    ``first_seed + i`` (so a sample encoded alone gets the picture it had in the batch)."""
     processor.tokenizer.padding_side = "left"
     texts = [prompt(processor, q, first) for q, _, first in items]
-    pictures = [picture(size, i) for i, (_, size, _) in enumerate(items)]
+    pictures = [picture(size, first_seed + i) for i, (_, size, _) in enumerate(items)]
     return dict(processor(images=pictures, text=texts, return_tensors="pt", padding=True))
 
 
-def rows_of(inputs: dict, rows: list[int]) -> dict:
-    """The inputs of some samples alone (unpadded), as the processor would make them."""
-    return inputs["_encode"]([inputs["_items"][r] for r in rows])
+def encode_rows(processor, rows) -> dict:
+    """Left-padded inputs of prompts made of parts: ("text", str), ("image", (w, h)) or ("video",
+    (frames, (w, h))). Pictures are seeded by their row's seed and place, so a row encoded alone
+    gets the pixels it had in the batch."""
+    processor.tokenizer.padding_side = "left"
+    texts, images, videos = [], [], []
+    for seed, parts in rows:
+        content = []
+        for k, (kind, spec) in enumerate(parts):
+            content.append({"type": "text", "text": spec} if kind == "text" else {"type": kind})
+            if kind == "image":
+                images.append(picture(spec, 100 * seed + 10 * k))
+            elif kind == "video":
+                frames, size = spec
+                videos.append([picture(size, 100 * seed + 10 * k + f) for f in range(frames)])
+        messages = [{"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+    media = {"images": images} if images else {}
+    if videos:
+        media["videos"] = videos
+    return dict(processor(text=texts, return_tensors="pt", padding=True, **media))
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def variant(request):
-    missing = [module for module in REQUIRES[request.param] if importlib.util.find_spec(module) is None]
+    missing = buildable(request.param)
     if missing:
         pytest.skip(f"{request.param}: its tiny builder needs {', '.join(missing)}")
-    build = VARIANTS[request.param]
-    model, processor = build(seed=0)
-    eager, _ = build(seed=0, attn_implementation="eager")
+    model, processor = tiny(request.param)
+    eager, _ = VARIANTS[request.param](seed=0, attn_implementation="eager")
     return request.param, model, eager, processor
 
 
@@ -384,3 +428,146 @@ def test_prompts_where_nothing_follows_the_image(variant, name, layout):
     visual = int(visual_mask(model, inputs).sum())
     counts = session.stats.prefill_visual()[:, 0]
     assert int(counts[0]) == visual and int(counts[-1]) < visual
+
+
+# ---------------------------------------------------------------------- batches
+@pytest.mark.parametrize("name", sorted(PRUNING))
+def test_batch_equals_one_by_one(variant, batch, name):
+    """The left-padded batch (images of different sizes, one after the text) gives each sample the
+    tokens and visual counts it gets alone."""
+    _, model, _, processor = variant
+    with vistrim.trim(model, name, **PRUNING[name]) as session:
+        batched = greedy(model, batch)
+        batched_counts = session.stats.prefill_visual()
+        for b in range(len(QUESTIONS)):
+            alone = greedy(model, encode(processor, QUESTIONS[b : b + 1], first_seed=b))
+            assert torch.equal(alone[0], batched[b]), f"sample {b}"
+            assert torch.equal(session.stats.prefill_visual()[:, 0], batched_counts[:, b]), f"sample {b}"
+
+
+def check_rows(model, rows, name: str, settings: dict, processor) -> None:
+    """Under ``name``: the batch of ``rows`` equals its masked reference at the surviving tokens, and
+    each row alone gets the tokens and visual counts it gets in the batch."""
+    inputs = encode_rows(processor, rows)
+    with vistrim.trim(model, name, **settings) as session, torch.no_grad():
+        logits = model(**inputs).logits
+    excluded = excluded_per_layer(session.stats, visual_mask(model, inputs))
+    reference = masked_forward(model, inputs, excluded).logits
+    compare = inputs["attention_mask"].bool() & ~torch.stack(excluded).any(0)
+    torch.testing.assert_close(logits[compare], reference[compare], atol=1e-5, rtol=0)
+    with vistrim.trim(model, name, **settings) as session:
+        batched = greedy(model, inputs)
+        batched_counts = session.stats.prefill_visual()
+        for b, row in enumerate(rows):
+            alone = greedy(model, encode_rows(processor, [row]))
+            assert torch.equal(alone[0], batched[b]), f"sample {b}"
+            assert torch.equal(session.stats.prefill_visual()[:, 0], batched_counts[:, b]), f"sample {b}"
+
+
+# Two images of different sizes in one prompt, beside prompts with one image.
+TWO_IMAGES = [
+    (0, [("image", (32, 32)), ("text", "and"), ("image", (24, 40)), ("text", "are the shapes the same ?")]),
+    (1, [("text", "what color is the shape ?"), ("image", (40, 24))]),
+    (2, [("image", (24, 24)), ("image", (32, 24)), ("text", "how many circles ?")]),
+]
+
+
+@pytest.mark.parametrize(("name", "settings"), [("fastv", {"keep": 0.25}), ("pdrop", {})])
+def test_two_images_in_one_prompt(variant, name, settings):
+    _, model, _, processor = variant
+    inputs = encode_rows(processor, TWO_IMAGES)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    with vistrim.trim(model, "fastv", keep=1.0), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+    check_rows(model, TWO_IMAGES, name, settings, processor)
+
+
+# ---------------------------------------------------------------------- videos
+# A video with an image in the same prompt, a video alone (an odd frame count: the processor
+# repeats the last frame), an image alone.
+VIDEOS = [
+    (0, [("video", (4, (32, 24))), ("text", "what is in the picture ?"), ("image", (24, 40))]),
+    (1, [("text", "describe the picture"), ("video", (3, (24, 24)))]),
+    (2, [("image", (32, 32)), ("text", "what color is the shape ?")]),
+]
+
+
+@pytest.fixture(scope="module", params=VIDEO_VARIANTS)
+def video_variant(request):
+    model, processor = tiny(request.param)
+    return model, processor, encode_rows(processor, VIDEOS)
+
+
+@pytest.mark.parametrize("name", sorted(KEEP_ALL))
+def test_video_keep_all_is_identical_to_unpatched(video_variant, name):
+    model, _, inputs = video_variant
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    reference_tokens = greedy(model, inputs)
+    with vistrim.trim(model, name, **KEEP_ALL[name]):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        tokens = greedy(model, inputs)
+    assert torch.equal(logits, reference)
+    assert torch.equal(tokens, reference_tokens)
+    assert no_hooks(model)
+
+
+def test_video_tokens_are_trimmed_within_budgets(video_variant):
+    model, processor, inputs = video_variant
+    ids = inputs["input_ids"]
+    video = ids == processor.video_token_id
+    assert bool(video[0].any() & video[1].any()) and not bool(video[2].any())
+    visual = visual_mask(model, inputs)
+    assert torch.equal(visual, video | (ids == processor.image_token_id))
+    with vistrim.trim(model, "fastv", layer=2, keep=0.25) as session, torch.no_grad():
+        model(**inputs)
+    counts = session.stats.prefill_visual()
+    assert (counts[2:] == torch.tensor([math.ceil(int(n) * 0.25) for n in visual.sum(-1)])).all()
+    kept_video = [int(video[b, kept].sum()) for b, kept in enumerate(session.stats.kept_positions(3))]
+    assert kept_video[1] == int(counts[3, 1]) < int(video[1].sum())
+    text = inputs["attention_mask"].bool() & ~visual
+    for src, live, is_visual in session.stats.prefill_layers:
+        for b in range(src.shape[0]):
+            assert torch.equal(src[b][live[b] & ~is_visual[b]], text[b].nonzero().flatten())
+
+
+@pytest.mark.parametrize(
+    ("name", "settings"), [("fastv", {"keep": 0.25}), ("st3", {"horizon": 4.0, "every": 1})]
+)
+def test_video_batch_and_masked_reference(video_variant, name, settings):
+    model, processor, _ = video_variant
+    check_rows(model, VIDEOS, name, settings, processor)
+
+
+def test_frames_are_laid_out_as_the_model_reads_a_video(video_variant):
+    """A still video (one frame repeated over a temporal patch) is its image: same pixel rows, grid
+    and vision features; in a video of two frames each frame fills its own temporal slot."""
+    model, processor, _ = video_variant
+    first, second = picture((32, 24), 7), picture((32, 24), 8)
+    step = processor.video_processor.temporal_patch_size
+    image = processor.image_processor([first], return_tensors="pt")
+    still = processor.video_processor([[first] * step])
+    assert torch.equal(still["pixel_values_videos"], image["pixel_values"])
+    assert torch.equal(still["video_grid_thw"], image["image_grid_thw"])
+    core = family_for(model).core
+    with torch.no_grad():
+        video_features = core.get_video_features(still["pixel_values_videos"], still["video_grid_thw"])
+        image_features = core.get_image_features(image["pixel_values"], image["image_grid_thw"])
+    torch.testing.assert_close(video_features.pooler_output[0], image_features.pooler_output[0])
+    moving = processor.video_processor([[first] * (step - 1) + [second]])["pixel_values_videos"]
+    pixels = processor.video_processor.patch_size**2
+    slots = moving.view(moving.shape[0], -1, step, pixels)  # (cells, channels, time, pixels)
+    later = processor.image_processor([second], return_tensors="pt")["pixel_values"].view_as(slots)
+    assert torch.equal(slots[:, :, 0], image["pixel_values"].view_as(slots)[:, :, 0])
+    assert torch.equal(slots[:, :, -1], later[:, :, -1])
+
+
+@pytest.mark.parametrize("class_name", sorted(REFUSED))
+def test_refused_classes_get_their_reason_in_one_line(class_name):
+    model = type(class_name, (torch.nn.Module,), {})()
+    with pytest.raises(VistrimError, match=re.escape(REFUSED[class_name])) as error:
+        with vistrim.trim(model, "fastv"):
+            pass
+    assert "\n" not in str(error.value) and class_name in str(error.value)

@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     llava_onevision,
     mistral3,
     qwen2_vl,
+    qwen3_vl,
     refused,
 )
 from .base import FAMILIES, REFUSED, Family, Geometry, Layout, VisionTower, family_class, family_for

@@ -280,6 +280,11 @@ class Family:
     def install(self, session) -> None:
         """Hooks outside the decoder layers the family needs (e.g. Qwen3-VL's deepstack)."""
 
+    def next_layer_input(self, ctx, layer: int, output: torch.Tensor) -> torch.Tensor:
+        """Prefill: what layer ``layer + 1`` will receive, given layer ``layer``'s ``output`` (before
+        any cut); the same tensor unless the language model adds something between layers."""
+        return output
+
     def after_cut(self, ctx, layer: int, index: torch.Tensor | None, old_src: torch.Tensor) -> None:
         """Prefill: entries were cut after ``layer`` (``index`` gathers the survivors from the
         previous state, None if only masked); keep state outside the layers in step."""

@@ -7,6 +7,10 @@
   ``rope_deltas``; the language model folds them into ordinary (B, n, d) cos/sin before its layers,
   so a cut slices them like Llama's. New tokens continue at text position + ``rope_deltas``;
   ``positions=renumber`` is refused (there is no single contiguous numbering of three axes).
+- Videos: ``pixel_values_videos`` + ``video_grid_thw`` (+ ``second_per_grid_ts`` in 2.5); their
+  placeholders are visual tokens like an image's (``mm_token_type_ids`` 2), trimmed with them.
+  Where torchvision is missing, ``models.processors.with_frame_videos`` lets the processor take a
+  video as frames (the tiny processors do).
 - Vision stage: refused. The tower attends over packed patches of every image (windowed in 2.5)
   and a 2x2 PatchMerger turns four patches into one token; a window merge would need a new
   patch grid per image and consistent mRoPE ids for the merged tokens, which we do not define.
@@ -73,13 +77,14 @@ class Qwen2VL(Family):
         from transformers import (
             Qwen2_5_VLConfig,
             Qwen2_5_VLForConditionalGeneration,
+            Qwen2_5_VLProcessor,
             Qwen2VLConfig,
             Qwen2VLForConditionalGeneration,
             Qwen2VLProcessor,
         )
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        from ..models.processors import image_only
+        from ..models.processors import image_only, with_frame_videos
         from ..models.tiny import _WORDS, seeded
         from ..models.tokenizer import word_level_tokenizer
 
@@ -92,11 +97,13 @@ class Qwen2VL(Family):
             temporal_patch_size=2,
             size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64},
         )
-        processor = image_only(
-            Qwen2VLProcessor,
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            chat_template=CHAT_TEMPLATE,
+        processor = with_frame_videos(
+            image_only(
+                Qwen2_5_VLProcessor if version == "2.5" else Qwen2VLProcessor,
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                chat_template=CHAT_TEMPLATE,
+            )
         )
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in PLACEHOLDERS}
         text = dict(

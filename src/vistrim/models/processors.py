@@ -6,7 +6,8 @@ even for images only. Where torchvision is missing (this CPU environment, and so
 ``image_only`` builds the family's *own* processor class without a video processor: a subclass
 created here whose only change is that it does not list ``video_processor`` among its parts; all
 processing (placeholder expansion, ``mm_token_type_ids``, chat templates) is transformers'
-unchanged code. Videos need torchvision (or pixel values made by the family's image processor).
+unchanged code. Videos need torchvision, or, for Qwen-style processors, ``with_frame_videos``:
+frames through the family's image processor.
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ def _image_only_class(cls: type) -> type:
     def get_attributes(subclass):
         return kept
 
+    def to_dict(self):
+        # A ``FrameVideoProcessor`` (``with_frame_videos``) is not part of what is saved.
+        output = cls.to_dict(self)
+        output.pop("video_processor", None)
+        return output
+
     # Same name, so what it saves names the family's own class.
-    return type(cls.__name__, (cls, Parts), {"get_attributes": classmethod(get_attributes)})
+    methods = {"get_attributes": classmethod(get_attributes), "to_dict": to_dict}
+    return type(cls.__name__, (cls, Parts), methods)
 
 
 def image_only(cls: type, **parts):
@@ -130,3 +138,51 @@ def _processor_class_name(source: str, config) -> str | None:
             if found:
                 return found
     return getattr(config, "processor_class", None)
+
+
+class FrameVideoProcessor:
+    """A video processor for Qwen-style processors (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) that needs no
+    torchvision: videos given as already-sampled frames go through the family's own image processor
+    one frame at a time, and ``temporal_patch_size`` consecutive frames make one temporal patch (the
+    last frame repeated to fill the last one), in the flat patch layout of transformers' Qwen2-VL
+    video processor. Frames are resized within the image processor's pixel range (a real video
+    processor has its own range and samples frames itself). ``fps`` is the rate the frames were
+    sampled at; Qwen2.5-VL and Qwen3-VL read it for their time positions and timestamps.
+    """
+
+    def __init__(self, image_processor, fps: float = 2.0) -> None:
+        self.image_processor = image_processor
+        self.patch_size = image_processor.patch_size
+        self.merge_size = image_processor.merge_size
+        self.temporal_patch_size = image_processor.temporal_patch_size
+        self.fps = fps
+
+    def __call__(self, videos, return_metadata: bool = False, return_tensors=None, **kwargs) -> dict:
+        import torch
+        from transformers.video_utils import VideoMetadata, make_batched_videos
+
+        patches, grids, metadata = [], [], []
+        step, pixels = self.temporal_patch_size, self.patch_size**2
+        for video in make_batched_videos(videos):
+            frames = list(video)
+            frames += frames[-1:] * (-len(frames) % step)
+            out = self.image_processor(frames, temporal_patch_size=1, return_tensors="pt")
+            _, grid_h, grid_w = (int(v) for v in out["image_grid_thw"][0])
+            # (frames, cells, C*p*p) -> (t, step, cells, C, p*p) -> (t, cells, C, step, p*p)
+            flat = out["pixel_values"].view(len(frames) // step, step, grid_h * grid_w, -1, pixels)
+            patches.append(flat.permute(0, 2, 3, 1, 4).reshape(-1, flat.shape[3] * step * pixels))
+            grids.append([len(frames) // step, grid_h, grid_w])
+            indices = list(range(len(video)))
+            metadata.append(VideoMetadata(total_num_frames=len(video), fps=self.fps, frames_indices=indices))
+        data = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
+        if return_metadata:
+            data["video_metadata"] = metadata
+        return data
+
+
+def with_frame_videos(processor, fps: float = 2.0):
+    """``processor`` (an ``image_only`` Qwen-style processor) taking videos as frames too, through a
+    ``FrameVideoProcessor`` of its own image processor; placeholder expansion, timestamps and
+    ``mm_token_type_ids`` stay the processor's code."""
+    processor.video_processor = FrameVideoProcessor(processor.image_processor, fps)
+    return processor

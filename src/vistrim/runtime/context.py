@@ -150,7 +150,8 @@ class Context:
         if next_layer:
             if self.phase != PREFILL or full or layer + 1 >= self.geometry.num_layers:
                 raise VistrimError("next-layer attention is for prefill, rows only, before the last layer")
-            layer, hidden = layer + 1, self.output
+            hidden = self.session.adapter.next_layer_input(self, layer, self.output)
+            layer += 1
         if queries == "text" and self.phase == PREFILL:
             rows, query_valid = self._text_rows()
         elif queries in ("last", "text"):
