@@ -410,6 +410,26 @@ def test_cli_runs_on_a_saved_folder(variant, tmp_path, capsys):
     )
     assert code == 0, err
     assert "layer-averaged visual tokens" in out
+    for command, extra in (
+        ("eval", ["--limit", "2", "--batch-size", "2"]),
+        ("bench", ["--samples", "2", "--repeats", "1", "--max-new-tokens", "2", "--batch-size", "1"]),
+    ):
+        out_dir = tmp_path / command
+        code, out, err = run_cli(
+            capsys,
+            command,
+            "--model",
+            str(folder),
+            "--methods",
+            "fastv",
+            "--budgets",
+            "0.5",
+            "--out",
+            str(out_dir),
+            *extra,
+        )
+        assert code == 0, (command, err)
+        assert list(out_dir.glob("*.json")) and list(out_dir.glob("*.png")), command
 
 
 # ---------------------------------------------------------------------- prompts that end with the image
