@@ -61,7 +61,7 @@ class AyaVision(Family):
         from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-        from ..models.tiny import _WORDS, seeded
+        from ..models.tiny import _WORDS, seeded, tiny_text
         from ..models.tokenizer import word_level_tokenizer
 
         tile, patch, factor = 32, 4, 2
@@ -77,19 +77,7 @@ class AyaVision(Family):
             downsample_factor=factor,
             chat_template=CHAT_TEMPLATE,
         )
-        special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        text = dict(
-            model_type="cohere",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            initializer_range=0.08,
-            **special,
-        )
+        text = tiny_text(tokenizer, model_type="cohere")
         vision = dict(
             model_type="siglip_vision_model",
             hidden_size=32,

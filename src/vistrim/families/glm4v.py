@@ -59,7 +59,7 @@ class Glm4V(Qwen2VL):
         from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
         from ..models.processors import image_only
-        from ..models.tiny import _WORDS, seeded
+        from ..models.tiny import _WORDS, seeded, tiny_text
         from ..models.tokenizer import word_level_tokenizer
 
         tokenizer = word_level_tokenizer(
@@ -75,22 +75,14 @@ class Glm4V(Qwen2VL):
             Glm4vProcessor, image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
         )
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in PLACEHOLDERS}
-        text = dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
+        text = tiny_text(
+            tokenizer,
             rope_parameters={
                 "rope_type": "default",
                 "mrope_section": [2, 1, 1],
                 "rope_theta": 10000.0,
                 "partial_rotary_factor": 0.5,
             },
-            pad_token_id=tokenizer.pad_token_id,
-            initializer_range=0.08,
         )
         vision = dict(
             depth=2,

@@ -72,7 +72,7 @@ class Idefics3(Family):
             SmolVLMForConditionalGeneration,
         )
 
-        from ..models.tiny import _WORDS, seeded
+        from ..models.tiny import _WORDS, seeded, tiny_text
         from ..models.tokenizer import word_level_tokenizer
 
         if smolvlm:
@@ -99,19 +99,7 @@ class Idefics3(Family):
             image_seq_len=seq,
             chat_template=CHAT_TEMPLATE,
         )
-        special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        text = dict(
-            model_type="llama",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            initializer_range=0.08,
-            **special,
-        )
+        text = tiny_text(tokenizer, model_type="llama")
         vision = dict(
             hidden_size=32,
             intermediate_size=64,

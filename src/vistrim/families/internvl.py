@@ -49,7 +49,7 @@ class InternVL(Family):
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
         from ..models.processors import image_only
-        from ..models.tiny import _WORDS, seeded
+        from ..models.tiny import _WORDS, seeded, tiny_text
         from ..models.tokenizer import word_level_tokenizer
 
         tile, patch, ratio = 32, 4, 0.5
@@ -74,19 +74,7 @@ class InternVL(Family):
             image_seq_length=seq,
             chat_template=CHAT_TEMPLATE,
         )
-        special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        text_config = dict(
-            model_type=text,
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            initializer_range=0.08,
-            **special,
-        )
+        text_config = tiny_text(tokenizer, model_type=text)
         vision = dict(
             hidden_size=32,
             intermediate_size=64,

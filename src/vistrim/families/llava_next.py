@@ -249,7 +249,7 @@ def _tiny(family, config_cls, model_cls, processor_cls, vision_cls, text_cls, se
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     from ..models.processors import image_only
-    from ..models.tiny import _WORDS, seeded
+    from ..models.tiny import _WORDS, seeded, tiny_text
     from ..models.tokenizer import word_level_tokenizer
 
     video = family.videos
@@ -279,19 +279,7 @@ def _tiny(family, config_cls, model_cls, processor_cls, vision_cls, text_cls, se
         patch_size=TINY_PATCH,
         projection_dim=32,
     )
-    text = text_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.08,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = text_cls(**tiny_text(tokenizer))
     ids = {"image_token_id": tokenizer.convert_tokens_to_ids("<image>")}
     if video:
         ids["video_token_id"] = tokenizer.convert_tokens_to_ids("<video>")

@@ -71,7 +71,7 @@ class LlavaOnevision(LlavaNext):
         )
 
         from ..models.processors import image_only
-        from ..models.tiny import _WORDS, seeded
+        from ..models.tiny import _WORDS, seeded, tiny_text
         from ..models.tokenizer import word_level_tokenizer
 
         tokenizer = word_level_tokenizer(_WORDS, ("<video>",), {"video_token": "<video>"})
@@ -96,19 +96,7 @@ class LlavaOnevision(LlavaNext):
             patch_size=TINY_PATCH,
             vision_use_head=False,
         )
-        text = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            initializer_range=0.08,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        text = Qwen2Config(**tiny_text(tokenizer))
         config = LlavaOnevisionConfig(
             vision_config=vision,
             text_config=text,

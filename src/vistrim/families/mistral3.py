@@ -58,7 +58,7 @@ class Mistral3(Family):
         from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralProcessor
         from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-        from ..models.tiny import _WORDS, seeded
+        from ..models.tiny import _WORDS, seeded, tiny_text
         from ..models.tokenizer import word_level_tokenizer
 
         patch, merge, longest = 4, 2, 32
@@ -73,21 +73,7 @@ class Mistral3(Family):
             spatial_merge_size=merge,
             chat_template=CHAT_TEMPLATE,
         )
-        special = {key: getattr(tokenizer, key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        text = dict(
-            model_type="mistral",
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=1024,
-            sliding_window=None,
-            initializer_range=0.08,
-            **special,
-        )
+        text = tiny_text(tokenizer, model_type="mistral", head_dim=16, sliding_window=None)
         vision = dict(
             model_type="pixtral",
             hidden_size=32,

@@ -85,7 +85,7 @@ class Qwen2VL(Family):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         from ..models.processors import image_only, with_frame_videos
-        from ..models.tiny import _WORDS, seeded
+        from ..models.tiny import _WORDS, seeded, tiny_text
         from ..models.tokenizer import word_level_tokenizer
 
         tokenizer = word_level_tokenizer(
@@ -106,19 +106,9 @@ class Qwen2VL(Family):
             )
         )
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in PLACEHOLDERS}
-        text = dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
+        text = tiny_text(
+            tokenizer,
             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            initializer_range=0.08,
         )
         vision = dict(depth=2, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2)
         if version == "2.5":

@@ -72,6 +72,26 @@ def llava_from_configs(
     return seeded(LlavaForConditionalGeneration, config, seed, attn_implementation, tokenizer)
 
 
+def tiny_text(tokenizer, **overrides) -> dict:
+    """The language-model settings every family's tiny model shares (4 Llama-shaped layers, hidden
+    64, grouped-query attention 4/2, the tokenizer's vocabulary and special tokens), plus the
+    family's own ``overrides`` (model type, rotary layout, ...)."""
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.08,  # peaked attention: stable rankings under float reordering
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return {**settings, **overrides}
+
+
 def seeded(model_cls, config, seed: int, attn_implementation: str, tokenizer):
     """``model_cls(config)`` with weights deterministic for ``seed``, the tokenizer's special tokens
     in its generation config, in eval mode."""
