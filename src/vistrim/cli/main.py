@@ -1,4 +1,4 @@
-"""The ``vistrim`` command: list | run | eval | bench.
+"""The ``vistrim`` command: list | run | show | eval | bench | export-task.
 
 Parsing imports neither torch nor transformers (seconds of start-up): ``--help`` and usage errors
 answer at once, and each command imports what it needs once its arguments are checked.
@@ -14,6 +14,8 @@ from ..errors import VistrimError
 from .bench import add_bench_parser
 from .common import Parser, add_method_args, add_model_args, fail
 from .eval import add_eval_parser
+from .export import add_export_parser
+from .show import add_show_parser
 
 
 def build_parser() -> Parser:
@@ -38,8 +40,10 @@ def build_parser() -> Parser:
     )
     run.add_argument("--json", help="also write the answer and statistics to this JSON file")
 
+    add_show_parser(commands)
     add_eval_parser(commands)
     add_bench_parser(commands)
+    add_export_parser(commands)
     return parser
 
 
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     try:
-        if args.command in ("run", "eval", "bench"):
+        if args.command in ("run", "show", "eval", "bench"):
             from ..compat import check_transformers
 
             check_transformers()  # before any model is loaded
@@ -72,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             from .run import run_run
 
             return run_run(args)
+        if args.command == "show":
+            from .show import run_show
+
+            return run_show(args)
+        if args.command == "export-task":
+            from .export import run_export
+
+            return run_export(args)
         if args.command == "eval":
             from .eval import run_eval
 

@@ -16,6 +16,7 @@ vision tower. Qwen2-VL's family overrides positions (mRoPE), Qwen3-VL's the deep
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,6 +193,21 @@ class Family:
         placeholder = torch.isin(input_ids, ids)
         return Layout(placeholder, torch.zeros_like(placeholder), runs(placeholder))
 
+    def token_cells(self, inputs: dict, image: int) -> tuple[int, int, torch.Tensor]:
+        """Where the visual tokens of image ``image`` (the ``image``-th run of placeholders,
+        row-major over the batch) lie on the picture the model saw: ``(rows, cols, cell)``, ``cell``
+        (N,) the raster index in a rows x cols grid over the picture of each of the image's N
+        placeholders, in prompt order. Default: one token per cell of a square grid (LLaVA-1.5,
+        the tower's patch grid); families with another layout override it, others are refused."""
+        count = image_token_count(self.layout(inputs["input_ids"], inputs), image)
+        side = math.isqrt(count)
+        if side * side != count:
+            raise VistrimError(
+                f"{self.name}: the {count} visual tokens of an image form no square grid; "
+                "their place on the image is not known"
+            )
+        return side, side, torch.arange(count)
+
     def has_visual_inputs(self, inputs: dict) -> bool:
         """Whether a forward call carries images or videos (pixels, or features ``generate``
         encoded before prefill)."""
@@ -345,6 +361,17 @@ def runs(placeholder: torch.Tensor) -> torch.Tensor:
     each row), -1 for False entries."""
     start = placeholder & ~torch.nn.functional.pad(placeholder, (1, 0))[:, :-1]
     return torch.where(placeholder, start.long().cumsum(-1) - 1, -1)
+
+
+def image_token_count(layout: Layout, image: int) -> int:
+    """Placeholders of image ``image`` (runs numbered row-major over the batch)."""
+    per_row = (layout.item.max(-1).values + 1).clamp(min=0)
+    first = per_row.cumsum(0) - per_row
+    numbered = torch.where(layout.item >= 0, layout.item + first[:, None], -1)
+    count = int((numbered == image).sum())
+    if count == 0:
+        raise VistrimError(f"the prompts hold {int(per_row.sum())} images; there is no image {image}")
+    return count
 
 
 def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

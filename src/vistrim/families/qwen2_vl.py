@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, register
+from ..errors import VistrimError
+from .base import Family, image_token_count, register
 
 PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 CHAT_TEMPLATE = (
@@ -60,6 +61,21 @@ class Qwen2VL(Family):
         if deltas is not None:
             text = text + deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
         return text[None].expand(3, batch, length)
+
+    def token_cells(self, inputs: dict, image: int):
+        """An image of t x h x w patches enters as t*(h/m)*(w/m) tokens (m = spatial_merge_size),
+        frame by frame in raster order over the merged grid; the processor resizes without
+        cropping, so the grid spans the whole picture."""
+        grid = inputs.get("image_grid_thw")
+        if grid is None or inputs.get("pixel_values_videos") is not None:
+            raise VistrimError(f"{self.name}: token cells are known for image-only prompts (image_grid_thw)")
+        t, h, w = (int(v) for v in grid[image])
+        merge = self.config.vision_config.spatial_merge_size
+        rows, cols = h // merge, w // merge
+        count = image_token_count(self.layout(inputs["input_ids"], inputs), image)
+        if count != t * rows * cols:
+            raise VistrimError(f"{self.name}: image {image} has {count} tokens, its grid {t}x{rows}x{cols}")
+        return rows, cols, torch.arange(count) % (rows * cols)
 
     @classmethod
     def tiny_variants(cls):

@@ -18,6 +18,7 @@ from ..ops.mustdrop import (
     key_tokens,
     merge_plan,
     merge_windows,
+    patch_tokens,
     stage_counts,
     window_similarity,
 )
@@ -202,6 +203,9 @@ class MustDrop(Method):
         stats.extra["mustdrop_visual_after_merge"] = sizes
         stats.extra["mustdrop_merged_windows"] = [int(r.merged[i]) for r, i in found if r.merged is not None]
         stats.extra["mustdrop_key_tokens"] = [int(k.sum()) for k in notes.get("key", [])]
+        if all(r.patch_token is not None for r, _ in found):
+            stats.vision_patch_tokens = [r.patch_token[i] for r, i in found]
+        stats.key_tokens = notes.get("key")
 
     def _reducer(self, tower):
         rows, cols = tower.grid
@@ -218,9 +222,13 @@ class MustDrop(Method):
             head, patches = hidden[:, :prefix], hidden[:, prefix:]
             similarity = window_similarity(patches, windows)
             plan = merge_plan(similarity, self.merge_threshold, same_count=self.official, limit=limit)
-            tokens, valid, _ = merge_windows(patches, windows, plan, similarity, merged_first=self.official)
+            merged_first = self.official
+            tokens, valid, source = merge_windows(
+                patches, windows, plan, similarity, merged_first=merged_first
+            )
             head_valid = torch.ones_like(valid[:, :prefix])
-            return torch.cat([head, tokens], 1), torch.cat([head_valid, valid], 1), plan.sum(-1)
+            groups = patch_tokens(windows, plan, source, patches.shape[1])
+            return torch.cat([head, tokens], 1), torch.cat([head_valid, valid], 1), plan.sum(-1), groups
 
         return reduce
 

@@ -108,6 +108,25 @@ def merge_windows(
     return tokens.to(patches.dtype), is_group.gather(1, order), order
 
 
+def patch_tokens(
+    windows: torch.Tensor, merged: torch.Tensor, source: torch.Tensor, num_patches: int
+) -> torch.Tensor:
+    """Which output token of ``merge_windows`` each patch went into.
+
+    windows: (W, k); merged: (B, W); source: (B, M), the representative patch of each token (as
+    ``merge_windows`` returns it). Returns (B, P) long: the token index (0..M-1) of every patch.
+    """
+    batch, device = merged.shape[0], merged.device
+    group = torch.arange(num_patches, device=device).repeat(batch, 1)
+    members = windows.to(device)[None].expand(batch, -1, -1)
+    representative = torch.where(merged[..., None], members[..., :1].expand_as(members), members)
+    group.scatter_(1, members.reshape(batch, -1), representative.reshape(batch, -1))
+    token = torch.full((batch, num_patches), -1, dtype=torch.long, device=device)
+    # padding entries of ``source`` name patches that represent no token; they are never looked up
+    token.scatter_(1, source, torch.arange(source.shape[1], device=device).expand_as(source))
+    return token.gather(1, group)
+
+
 def key_tokens(cls_attention: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
     """The key set: the top ceil(ratio * valid count) tokens of each row by CLS attention. (B, n) bool."""
     counts = torch.ceil(valid.sum(-1).double() * ratio - 1e-9).long()

@@ -38,6 +38,11 @@ class RunStats:
     # Tokens each vision-tower layer processed (CLS included, mean over images) when a method
     # changed them; None means the tower ran untouched.
     vision_tokens: list[float] | None = None
+    # Per image, when a vision stage reduced its tokens: (P,) index of the token (among the image's
+    # tokens entering the language model) each tower patch went into; None otherwise.
+    vision_patch_tokens: list[torch.Tensor] | None = None
+    # Per image, (M,) tokens a method protects from later stages (MustDrop's key set), or None.
+    key_tokens: list[torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)  # method-specific numbers (plain types)
 
     @property

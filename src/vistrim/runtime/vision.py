@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-Reducer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# hidden (I, 1 + P, D) -> (reduced hidden, valid, merged count per image, token of each patch or None)
+Reducer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -31,13 +32,14 @@ class VisionRecord:
     """One encoder run: valid (I, M) real patch tokens (real first); cls (I, M) importance of each
     patch at the probe layer (head-averaged CLS attention, or mean attention received) or None;
     tokens_per_layer (CLS included, mean over images);
-    merged (I,) merged windows per image."""
+    merged (I,) merged windows per image; patch_token (I, P) the reduced token each patch went into."""
 
     valid: torch.Tensor
     cls: torch.Tensor | None
     tokens_per_layer: list[float]
     merged: torch.Tensor | None
     rows: int  # N: rows per image after padding back
+    patch_token: torch.Tensor | None = None
 
 
 class VisionStage:
@@ -83,11 +85,11 @@ class VisionStage:
 
     # ------------------------------------------------------------------ hooks
     def _start(self, module, args):
-        self._run = {"valid": None, "cls": None, "merged": None, "before": None}
+        self._run = {"valid": None, "cls": None, "merged": None, "before": None, "patch_token": None}
 
     def _reduce(self, module, args, output):
         self._run["before"] = output.shape[1]
-        hidden, self._run["valid"], self._run["merged"] = self.reducer(output)
+        hidden, self._run["valid"], self._run["merged"], self._run["patch_token"] = self.reducer(output)
         return hidden
 
     def _mask(self, module, args, kwargs):
@@ -148,7 +150,7 @@ class VisionStage:
                 layers - self.reduce_after - 1
             )
         self.records[output.untyped_storage().data_ptr()] = VisionRecord(
-            valid, cls, per_layer, run.get("merged"), rows
+            valid, cls, per_layer, run.get("merged"), rows, run.get("patch_token")
         )
         while len(self.records) > 8:  # a few recent runs are enough; older storage may be reused
             self.records.popitem(last=False)
