@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vistrim import build, trim
+from vistrim import at_budget, build, trim
 from vistrim.data.easyvqa import build_prompt, fixed_subset, load_image, load_split, normalize_answer
 from vistrim.models import load_model
 
@@ -93,6 +93,11 @@ def outputs(out: Path) -> tuple[dict, list[dict], list[dict]]:
     return json.loads(results_file.read_text()), samples, side
 
 
+def answer_of(sample: dict) -> str:
+    response = sample["filtered_resps"]  # a string, or a list of one per repeat
+    return response if isinstance(response, str) else response[0]
+
+
 @pytest.fixture(scope="module")
 def reference():
     """vistrim's own answers on the exported questions, one by one, per method."""
@@ -100,9 +105,9 @@ def reference():
     model, processor = load_model("testbed")
     items = fixed_subset(load_split("test"), QUESTIONS, seed=0)
 
-    def answers(method: str, **settings):
+    def answers(method):
         found = []
-        with trim(model, method, **settings) as session:
+        with trim(model, method) as session:
             for item in items:
                 inputs = processor(
                     images=[load_image(item.image_path)],
@@ -123,21 +128,23 @@ def reference():
 
 
 @pytest.mark.parametrize(
-    ("model_args", "method", "settings"),
-    [("method=none", "none", {}), ("method=fastv,keep=0.25", "fastv", {"keep": 0.25})],
+    ("model_args", "method"),
+    [
+        ("method=none", build("none")),
+        # a layer-averaged budget: vistrim.at_budget configures ST3 for the prompt's 144 visual tokens
+        ("method=st3,budget=0.25", at_budget("st3", 0.25, n_visual=144, num_layers=8)),
+    ],
 )
-def test_plugin_matches_vistrim_and_reports_its_numbers(
-    task, tmp_path, reference, model_args, method, settings
-):
+def test_plugin_matches_vistrim_and_reports_its_numbers(task, tmp_path, reference, model_args, method):
     run = lmms_eval(task, tmp_path, model_args)
     assert run.returncode == 0, run.stderr[-3000:]
     results, samples, side = outputs(tmp_path)
     items, answers = reference
-    expected = answers(method, **settings)
+    expected = answers(method)
 
     # every question answered, and exactly as vistrim answers it
     assert [s["doc_id"] for s in samples] == list(range(QUESTIONS))
-    assert [normalize_answer(s["filtered_resps"][0]) for s in samples] == [a for a, _, _ in expected]
+    assert [normalize_answer(answer_of(s)) for s in samples] == [a for a, _, _ in expected]
     accuracy = sum(a == normalize_answer(item.answer) for (a, _, _), item in zip(expected, items)) / QUESTIONS
     assert results["results"]["vistrim_easyvqa"]["accuracy,none"] == pytest.approx(accuracy)
 
@@ -147,11 +154,11 @@ def test_plugin_matches_vistrim_and_reports_its_numbers(
     assert throughput["avg_vistrim_samples"] == QUESTIONS and throughput["avg_vistrim_failed"] == 0
     assert throughput["avg_vistrim_visual_tokens"] == pytest.approx(layer_average)
     assert throughput["avg_vistrim_visual_tokens_in"] == 144
-    if method == "none":
+    if method.name == "none":
         assert layer_average == 144 and throughput["avg_vistrim_kv_ratio_prefill"] == pytest.approx(1.0)
     else:
-        assert layer_average == (2 * 144 + 6 * 36) / 8  # fastv's cut after layer 2 of 8 keeps 36
-        assert throughput["avg_vistrim_kv_ratio_prefill"] < 0.6 and throughput["avg_vistrim_hook_ms"] > 0
+        assert layer_average == pytest.approx(0.25 * 144, abs=1)  # the budget, within a token
+        assert throughput["avg_vistrim_kv_ratio_prefill"] < 0.5 and throughput["avg_vistrim_hook_ms"] > 0
 
     # the effective input tokens (text + layer-averaged visual) in lmms-eval's token counts
     for sample, (_, average, prompt) in zip(samples, expected):
@@ -159,13 +166,14 @@ def test_plugin_matches_vistrim_and_reports_its_numbers(
 
     # the side file: the run's full settings, then one record per question with per-layer statistics
     (header,) = [r for r in side if r["kind"] == "run"]
-    assert header["settings"] == build(method, **settings).settings() and header["world_size"] == 1
+    assert header["method"] == method.name and header["world_size"] == 1
     records = [r for r in side if r["kind"] == "sample"]
     assert sorted(r["doc_id"] for r in records) == list(range(QUESTIONS))
     for record, (_, average, prompt) in zip(sorted(records, key=lambda r: r["doc_id"]), expected):
         per_layer = record["prefill_visual_per_layer"]
         assert len(per_layer) == 8 and sum(per_layer) / 8 == pytest.approx(record["layer_average_visual"])
         assert record["layer_average_visual"] == pytest.approx(average) and record["prompt_tokens"] == prompt
+        assert record.get("settings", header["settings"]) == method.settings()  # what ran, per sample
 
 
 def test_data_parallel_two_processes_gather_every_question(task, tmp_path):

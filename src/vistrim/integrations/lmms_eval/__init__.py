@@ -5,8 +5,12 @@ entry-point group (lmms-eval 0.7 reads manifests from there; ``@register_model``
 by its evaluator). Models, each lmms-eval's chat wrapper of the same name with trimming:
 
 - ``vistrim_llava_hf``: ``llava_hf`` (LLaVA-1.5 style ``LlavaForConditionalGeneration``;
-  ``pretrained=testbed`` is the test-bed shipped in vistrim);
-- ``vistrim_qwen2_5_vl``: ``qwen2_5_vl`` (Qwen2.5-VL).
+  ``pretrained=testbed`` is the test-bed shipped in vistrim).
+
+Not wrapped yet: ``qwen2_5_vl`` and ``llava_onevision``. Both need a working torchvision (lmms-eval's
+Qwen path imports ``qwen_vl_utils``, which imports it; both processors build a video processor,
+which needs it), and PyPI only has CUDA builds of torchvision, which fail to import next to a CPU
+torch: neither can be run, hence tested, offline on CPU.
 
 ``--model_args pretrained=...,method=st3,keep=0.25,<setting>=...``: every argument that is not the
 wrapped model's own is a setting of the method (list values use ``;``: ``layers=2;6;10``); bad ones
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 MODELS = {
     "vistrim_llava_hf": "vistrim.integrations.lmms_eval.llava_hf.LlavaHf",
-    "vistrim_qwen2_5_vl": "vistrim.integrations.lmms_eval.qwen2_5_vl.Qwen2_5_VL",
 }
 
 

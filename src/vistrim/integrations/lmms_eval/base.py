@@ -26,6 +26,7 @@ Traps of lmms-eval 0.7.3 handled here:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib.metadata
 import inspect
@@ -37,8 +38,9 @@ from pathlib import Path
 import torch
 
 from ... import __version__
-from ...api import trim
+from ...api import at_budget, trim
 from ...errors import VistrimError
+from ...families import family_for
 from ...methods import build
 
 OWN_ARGS = ("method", "on_error", "stats_dir")
@@ -96,14 +98,24 @@ class Trimming:
     ) -> None:
         try:
             own, settings = self._split_args(kwargs)
-            self._method = build(method, **method_settings(settings))
+            settings = method_settings(settings)
+            fields = {f.name for f in dataclasses.fields(build(method))}
+            # budget=: the layer-averaged visual budget; a method's own budget setting takes it (MustDrop),
+            # others are configured for it by vistrim.at_budget, per prompt's visual-token count
+            self._budget = settings.pop("budget") if "budget" in settings and "budget" not in fields else None
+            self._method = build(method, **settings)
+            self._budgeted: dict[int, object] = {}
             if on_error not in ("raise", "record"):
                 raise VistrimError(f"on_error={on_error!r} must be raise or record")
             self._on_error = on_error
             own["pretrained"] = resolve_pretrained(own.get("pretrained"))
             super().__init__(**self.placement(own))
             self._rank, self._world_size = self._ranks()
-            with trim(super().model, self._method):  # refuses an unsupported model or setting now
+            model = super().model
+            if self._budget is not None:  # refuses a method without a budget mode now
+                config = getattr(model.config, "image_seq_length", None) or 64
+                self._for_visual(model, int(config))
+            with trim(model, self._method):  # refuses an unsupported model or setting now
                 pass
             self._stats_file = self._open_stats(Path(stats_dir), own["pretrained"])
         except VistrimError as error:
@@ -148,6 +160,7 @@ class Trimming:
             "pretrained": pretrained,
             "method": self._method.name,
             "settings": self._method.settings(),
+            "budget": self._budget,
             "rank": self._rank,
             "world_size": self._world_size,
             "vistrim": __version__,
@@ -225,8 +238,9 @@ class Trimming:
                 f"to {len(indices)} requests"
             )
         try:
+            method = self._method_for(model, input_ids, kwargs)
             started = time.perf_counter()
-            with trim(model, self._method) as session:
+            with trim(model, method) as session:
                 output = model.generate(*args, **kwargs)
             seconds = time.perf_counter() - started
         except Exception as error:
@@ -238,18 +252,40 @@ class Trimming:
                 ) from error
             self._failed += len(indices)
             raise
-        self._record(indices, session.stats, input_ids, kwargs.get("attention_mask"), seconds)
+        records = self._record(indices, session.stats, input_ids, kwargs.get("attention_mask"), seconds)
+        if self._budget is not None:
+            for record in records:
+                record["settings"] = method.settings()
+        with self._stats_file.open("a") as file:
+            file.write("".join(json.dumps(record, default=str) + "\n" for record in records))
         return output
+
+    def _method_for(self, model, input_ids, kwargs: dict):
+        """The method as configured, or (``budget=``) configured for the prompt's visual tokens."""
+        if self._budget is None:
+            return self._method
+        counts = set(family_for(model).layout(input_ids, kwargs).visual.sum(-1).tolist())
+        if len(counts) != 1:
+            raise VistrimError("budget= needs the same number of visual tokens in every prompt of a batch")
+        return self._for_visual(model, counts.pop())
+
+    def _for_visual(self, model, n_visual: int):
+        if n_visual == 0:
+            return self._method
+        if n_visual not in self._budgeted:
+            layers = family_for(model).geometry.num_layers
+            configured = at_budget(self._method, self._budget, n_visual=n_visual, num_layers=layers)
+            self._budgeted[n_visual] = configured
+        return self._budgeted[n_visual]
 
     def _where(self, indices: list[int]) -> str:
         requests = [self._requests[i] for i in indices]
         return ", ".join(f"{r.task_name} doc {r.doc_id}" for r in requests)
 
-    def _record(self, indices, stats, input_ids, attention_mask, seconds: float) -> None:
+    def _record(self, indices, stats, input_ids, attention_mask, seconds: float) -> list[dict]:
         batch = len(indices)
         prefill = stats.prefill_visual()
         ran = stats.num_layers > 0
-        lines = []
         for row, index in enumerate(indices):
             request = self._requests[index]
             prompt = int(attention_mask[row].sum()) if attention_mask is not None else input_ids.shape[1]
@@ -279,9 +315,7 @@ class Trimming:
                 "extra": stats.extra,
             }
             self._records[index] = record
-            lines.append(json.dumps(record, default=str))
-        with self._stats_file.open("a") as file:
-            file.write("\n".join(lines) + "\n")
+        return [self._records[index] for index in indices]
 
     # ------------------------------------------------------------------ lmms-eval's results
     def _log_metrics(self) -> None:
