@@ -29,7 +29,9 @@ def reference_tokens(model, processor, image, method) -> tuple[list[list[int]], 
     positions = (layout.item[0] == 0).nonzero().squeeze(-1).tolist()
     index = {p: k for k, p in enumerate(positions)}
     stats = session.stats
-    kept = [sorted(index[p] for p in stats.kept_positions(layer)[0].tolist()) for layer in range(stats.num_layers)]
+    kept = [
+        sorted(index[p] for p in stats.kept_positions(layer)[0].tolist()) for layer in range(stats.num_layers)
+    ]
     return kept, stats.prefill_visual()[:, 0]
 
 
@@ -80,7 +82,9 @@ def test_show_cli_png_and_json_match_session_stats(capsys, tiny, tmp_path):
     assert "answer:" in stdout and out.is_file()
     record = json.loads(out.with_suffix(".json").read_text())
     model, processor = tiny
-    kept, counts = reference_tokens(model, processor, Image.open(image_path).convert("RGB"), build("fastv", keep=0.25))
+    kept, counts = reference_tokens(
+        model, processor, Image.open(image_path).convert("RGB"), build("fastv", keep=0.25)
+    )
     assert record["grid"] == [8, 8] and record["visual_tokens"] == 64
     prefill = [p for p in record["panels"] if p["kind"] == "prefill"]
     covered = [layer for p in prefill for layer in range(p["layers"][0], p["layers"][1] + 1)]
@@ -160,9 +164,15 @@ def test_patch_tokens_name_the_merged_token_of_every_patch():
     patches[:, :3] = patches[:, :1]  # make a few windows similar
     windows = grid_windows(6, 6, 3)
     similarity = window_similarity(patches, windows)
-    for plan in (merge_plan(similarity, 0.0), merge_plan(similarity, 2.0), merge_plan(similarity, -1.0, limit=2)):
+    for plan in (
+        merge_plan(similarity, 0.0),
+        merge_plan(similarity, 2.0),
+        merge_plan(similarity, -1.0, limit=2),
+    ):
         for merged_first in (False, True):
-            tokens, valid, source = merge_windows(patches, windows, plan, similarity, merged_first=merged_first)
+            tokens, valid, source = merge_windows(
+                patches, windows, plan, similarity, merged_first=merged_first
+            )
             token = patch_tokens(windows, plan, source, 36)
             for b in range(3):
                 assert sorted(set(token[b].tolist())) == list(range(int(valid[b].sum())))
@@ -179,6 +189,15 @@ def test_show_bad_input_is_one_line(capsys, tmp_path):
     )
     assert code == 2 and err.strip() == "vistrim: error: --out must name a .png file, got x.jpg"
     code, _, err = run_cli(
-        capsys, "show", "--model", "tiny", "--image", str(image_path), "--prompt", "what ?", "--method", "nope"
+        capsys,
+        "show",
+        "--model",
+        "tiny",
+        "--image",
+        str(image_path),
+        "--prompt",
+        "what ?",
+        "--method",
+        "nope",
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown method 'nope'" in err

@@ -209,13 +209,28 @@ def test_data_parallel_two_processes_gather_every_question(task, tmp_path):
     )
 
 
-def test_bad_setting_stops_the_run_with_one_line(task, tmp_path):
-    run = lmms_eval(task, tmp_path, "method=fastv,keep=2.5", "--limit", "2")
-    assert run.returncode == 1
-    assert run.stderr.strip().splitlines()[-1] == (
-        "vistrim: error: fastv.keep=2.5 is out of range: a ratio must be in [0, 1] (an int is a count)"
-    )
-    assert not list(tmp_path.glob("results/*/*_results.json"))
+def test_bad_settings_stop_with_one_line_before_any_question():
+    """Through lmms-eval's own registry (the entry point): a chat model, and bad settings raise
+    vistrim's one-line error as SystemExit, which lmms-eval's command line does not swallow (the
+    subprocess test below shows the exit status)."""
+    from lmms_eval.models import get_model
+
+    model_class = get_model("vistrim_llava_hf")
+    assert model_class.is_simple is False
+    for model_args, message in (
+        (
+            "method=fastv,keep=2.5",
+            "fastv.keep=2.5 is out of range: a ratio must be in [0, 1] (an int is a count)",
+        ),
+        ("method=fastv,keeep=0.5", "method 'fastv' has no setting 'keeep' (settings: layer, keep)"),
+        ("method=nope", "unknown method 'nope'"),
+        ("method=fastv,layer=9", "fastv.layer=9 is out of range for a model with 8 decoder layers"),
+        ("method=fastv,on_error=ignore", "on_error='ignore' must be raise or record"),
+    ):
+        with pytest.raises(SystemExit) as raised:
+            model_class.create_from_arg_string(f"pretrained=testbed,device=cpu,{model_args}")
+        assert str(raised.value).startswith(f"vistrim: error: {message}"), raised.value
+        assert len(str(raised.value).splitlines()) == 1
 
 
 def test_failed_generation_stops_the_run_instead_of_an_empty_answer(task, tmp_path):
