@@ -147,15 +147,24 @@ def test_show_qwen_layout_follows_image_grid(size):
     check_picture(shown.picture, record)
 
 
-def test_default_token_cells_refuse_a_non_square_count(tiny):
+def test_default_token_cells_are_the_patch_grid_or_refused(tiny):
     model, _ = tiny
     family = family_for(model)
     (token,) = family.geometry.visual_token_ids
-    input_ids = torch.tensor([[1] + [token] * 10 + [2]])
-    with pytest.raises(VistrimError, match="no square grid"):
-        family.token_cells({"input_ids": input_ids}, 0)
+    size = model.config.vision_config.image_size
+    pixels = torch.zeros(1, 3, size, size)
+    side = size // model.config.vision_config.patch_size
+    grid = {"input_ids": torch.tensor([[1] + [token] * side * side + [2]]), "pixel_values": pixels}
+    rows, cols, cells = family.token_cells(grid, 0)
+    assert (rows, cols) == (side, side) and cells.tolist() == list(range(side * side))
+    wrong = {"input_ids": torch.tensor([[1] + [token] * 10 + [2]]), "pixel_values": pixels}
+    with pytest.raises(VistrimError, match="where the 10 visual tokens of an image lie on it is not known"):
+        family.token_cells(wrong, 0)
+    two_runs = {"input_ids": torch.tensor([[1] + [token] * 3 + [2] + [token] * 3]), "pixel_values": pixels}
+    with pytest.raises(VistrimError, match="not known"):  # two runs for one pixel tensor (row breaks)
+        family.token_cells(two_runs, 0)
     with pytest.raises(VistrimError, match="there is no image 1"):
-        family.token_cells({"input_ids": input_ids}, 1)
+        family.token_cells(grid, 1)
 
 
 def test_patch_tokens_name_the_merged_token_of_every_patch():

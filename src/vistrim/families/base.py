@@ -16,7 +16,6 @@ vision tower. Qwen2-VL's family overrides positions (mRoPE), Qwen3-VL's the deep
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -197,16 +196,20 @@ class Family:
         """Where the visual tokens of image ``image`` (the ``image``-th run of placeholders,
         row-major over the batch) lie on the picture the model saw: ``(rows, cols, cell)``, ``cell``
         (N,) the raster index in a rows x cols grid over the picture of each of the image's N
-        placeholders, in prompt order. Default: one token per cell of a square grid (LLaVA-1.5,
-        the tower's patch grid); families with another layout override it, others are refused."""
-        count = image_token_count(self.layout(inputs["input_ids"], inputs), image)
-        side = math.isqrt(count)
-        if side * side != count:
-            raise VistrimError(
-                f"{self.name}: the {count} visual tokens of an image form no square grid; "
-                "their place on the image is not known"
-            )
-        return side, side, torch.arange(count)
+        placeholders, in prompt order. Default (LLaVA-1.5): one token per tower patch of the image's
+        own (C, H, W) entry of ``pixel_values``, in raster order; it is refused in one line unless
+        every run has such an entry and the counts match (tiles, row breaks, merged or shuffled
+        patches need the family's own override, as Qwen2-VL's)."""
+        layout = self.layout(inputs["input_ids"], inputs)
+        count = image_token_count(layout, image)
+        pixels = inputs.get("pixel_values")
+        patch = getattr(getattr(self.config, "vision_config", None), "patch_size", None)
+        runs = int((layout.item.max(-1).values + 1).clamp(min=0).sum())
+        if pixels is not None and pixels.dim() == 4 and isinstance(patch, int) and runs == pixels.shape[0]:
+            rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+            if rows * cols == count:
+                return rows, cols, torch.arange(count)
+        raise VistrimError(f"{self.name}: where the {count} visual tokens of an image lie on it is not known")
 
     def has_visual_inputs(self, inputs: dict) -> bool:
         """Whether a forward call carries images or videos (pixels, or features ``generate``
