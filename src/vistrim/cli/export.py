@@ -19,10 +19,13 @@ def run_export(args) -> int:
     from rich.console import Console
 
     from ..errors import VistrimError
-    from ..integrations.lmms_eval.task import export_easyvqa
+    from .common import check_output_dir
 
     if args.limit is not None and args.limit < 1:
         raise VistrimError(f"--limit must be >= 1, got {args.limit}")
+    check_output_dir(args.out, "--out")
+    from ..integrations.lmms_eval.task import export_easyvqa
+
     with Console().status(f"exporting {args.name} ..."):
         yaml_path, data_path, count = export_easyvqa(Path(args.out), limit=args.limit, seed=args.seed)
     print(f"wrote {yaml_path} and {data_path} ({count} questions); task name: vistrim_easyvqa")

@@ -24,12 +24,9 @@ def run_show(args) -> int:
     from rich.console import Console
 
     from ..errors import VistrimError
-    from ..io import load_image
-    from ..models import load_model
-    from ..show import show
-    from .common import load_config, make_method, parse_settings
-    from .run import build_inputs
+    from .common import check_output_file, load_config, make_method, parse_settings
 
+    # Everything a user typed or points at is checked before torch, transformers or the model load.
     if not args.prompt.strip():
         raise VistrimError("the prompt is empty")
     if args.max_new_tokens < 1 or args.max_panels < 2:
@@ -37,8 +34,16 @@ def run_show(args) -> int:
     out = Path(args.out or f"show-{args.method}.png")
     if out.suffix.lower() != ".png":
         raise VistrimError(f"--out must name a .png file, got {out}")
+    out = check_output_file(out, "--out")
+    check_output_file(out.with_suffix(".json"), "--out")
+    from ..io import load_image
+
     image = load_image(args.image)
     method = make_method(args.method, load_config(args.config), parse_settings(args.settings))
+    from ..models import load_model
+    from ..show import show
+    from .run import build_inputs
+
     console = Console()
     with console.status(f"loading {args.model} ..."):
         model, processor = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
