@@ -244,3 +244,24 @@ def test_failed_generation_stops_the_run_instead_of_an_empty_answer(task, tmp_pa
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("vistrim: error: generation failed on vistrim_easyvqa doc 0: ValueError:"), last
     assert not list(tmp_path.glob("results/*/*_results.json"))
+
+
+def test_on_error_record_keeps_lmms_evals_empty_answers_and_counts_them(task, tmp_path, monkeypatch):
+    """on_error=record: lmms-eval's behaviour (an empty answer per failed question, the run goes
+    on), with the failures counted in vistrim's numbers. In-process: lmms-eval is imported already."""
+    from lmms_eval.__main__ import cli_evaluate
+
+    monkeypatch.chdir(tmp_path)
+    model_args = f"pretrained=testbed,device=cpu,method=fastv,on_error=record,stats_dir={tmp_path / 'stats'}"
+    argv = ["lmms_eval", "--model", "vistrim_llava_hf", "--model_args", model_args]
+    argv += ["--tasks", "vistrim_easyvqa", "--include_path", str(task), "--limit", "3"]
+    argv += ["--gen_kwargs", "max_new_tokens=-1"]
+    argv += ["--output_path", str(tmp_path / "results"), "--log_samples"]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli_evaluate()
+    results, samples, side = outputs(tmp_path)
+    assert [answer_of(s) for s in samples] == ["", "", ""]
+    assert results["results"]["vistrim_easyvqa"]["accuracy,none"] == 0
+    throughput = results["throughput"]
+    assert throughput["avg_vistrim_failed"] == 3 and throughput["avg_vistrim_samples"] == 0
+    assert [r["kind"] for r in side] == ["run"]  # no statistics for questions that were not answered
