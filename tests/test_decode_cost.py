@@ -4,6 +4,7 @@ builds none, and the runtime's and the method's decode time is recorded."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from conftest import PROMPTS, encode, greedy, images
 
 import vistrim
+from vistrim.methods.st3 import ST3
 from vistrim.models.tiny import build_tiny
 from vistrim.runtime.session import extended_mask
 
@@ -119,3 +121,35 @@ def test_extended_mask_repeats_the_query_column():
     assert extended_mask(four, 5) is None  # not one step later
     assert extended_mask(torch.ones(2, 1, 2, 3, dtype=torch.bool), 4) is None  # two query rows
     assert extended_mask(None, 4) is None
+
+
+@dataclasses.dataclass
+class LayerByLayerST3(ST3):
+    """ST3 selecting in each layer's own hook, right after the layer ran (before selection moved to
+    the end of the step): the reference for the batched selection."""
+
+    def on_decode_layer(self, ctx, layer: int) -> None:
+        step = ctx.step
+        if step > 0 and step % self.every == 0 and bool(ctx.cache_layer(layer).row_notes["st3_n0"].any()):
+            scores = ctx.attention("last").probs[:, 0]
+            ctx.evict_top(layer, scores, self.decode_target(ctx.cache_layer(layer).row_notes["st3_n0"], step))
+
+    def on_decode_end(self, ctx) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "settings", [{"horizon": 6.0, "every": 1}, {"horizon": 10.0, "every": 2, "min_keep": 3}]
+)
+def test_st3_selection_after_the_step_equals_layer_by_layer(tiny, batch, settings):
+    model, _ = tiny
+    runs = []
+    for method in (ST3(**settings), LayerByLayerST3(**settings)):
+        with vistrim.trim(model, method) as session:
+            tokens = greedy(model, batch, n=8)
+        runs.append((tokens, torch.stack(session.stats.decode_visual), session.stats.kv_bytes_final))
+    (tokens, visual, final), (reference, reference_visual, reference_final) = runs
+    assert (
+        torch.equal(tokens, reference) and torch.equal(visual, reference_visual) and final == reference_final
+    )
+    assert visual[-1].sum() < visual[0].sum()  # it did evict

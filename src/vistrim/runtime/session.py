@@ -33,6 +33,7 @@ from transformers.cache_utils import DynamicCache
 from ..compat import check_transformers, clear_output_cache
 from ..errors import VistrimError
 from ..families import family_for
+from ..methods.base import Method
 from ..ops.compact import gather_rows
 from .cache import TrackedLayer
 from .context import DECODE, PREFILL, Context, PromptState
@@ -54,6 +55,8 @@ class Session:
         geo = self.adapter.geometry
         self._prefill_layers = frozenset(method.prefill_layers(geo))
         self._decode_layers = frozenset(method.decode_layers(geo))
+        # only methods that act after a whole decoding step are called (and timed) there
+        self._decode_end = type(method).on_decode_end is not Method.on_decode_end
         self.renumber = getattr(method, "positions", "original") == "renumber"
         if self.renumber and not self.adapter.renumber:
             if getattr(method, "official", False):  # official rules that renumber (PyramidDrop's)
@@ -190,10 +193,14 @@ class Session:
         started = time.perf_counter()
         if ctx.phase == PREFILL:
             self.method.on_prefill_end(ctx)
-            self.stats.add_hook_time(PREFILL, time.perf_counter() - started)
+        elif self._decode_end:
+            self.method.on_decode_end(ctx)
+        recorded = time.perf_counter()
+        if ctx.phase == PREFILL or self._decode_end:
+            self.stats.add_hook_time(ctx.phase, recorded - started)
         self.stats.record_cache(ctx.cache, after_prefill=ctx.phase == PREFILL)
         if ctx.phase == DECODE:
-            self.stats.runtime_seconds_decode += time.perf_counter() - started
+            self.stats.runtime_seconds_decode += time.perf_counter() - recorded
         if ctx.strip_cache:
             clear_output_cache(output)
         return output
