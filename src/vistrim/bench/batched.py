@@ -150,8 +150,10 @@ def budget_bytes(kv_budget: tuple[str, float], unpruned_per_sequence: float) -> 
 
 def capacity_plan(entry: dict, configs: Sequence[dict], kv_budget: tuple[str, float]) -> dict:
     """The largest batch each configuration fits in the KV budget, from the per-sequence peak KV
-    bytes of the runs in ``entry`` (the smallest batch measured: least padding), answer length
-    included. Index 0 is the unpruned model."""
+    bytes of the runs in ``entry`` (answer included). Take the largest batch measured: a batched
+    cache can hold more per sequence than one alone (padding; entries a row dropped but another
+    row kept stay in place, masked). A ratio budget is a multiple of the unpruned model's bytes
+    per sequence there. Index 0 is the unpruned model."""
     runs, batch = entry["timing"]["runs"], entry["batch"]
     per_sequence = [peak_bytes(r) / batch for r in runs]
     budget = budget_bytes(kv_budget, per_sequence[0])
@@ -168,9 +170,15 @@ def capacity_plan(entry: dict, configs: Sequence[dict], kv_budget: tuple[str, fl
     }
 
 
+def run_peak(record: dict) -> int:
+    """Peak KV bytes of one timed run (the plain model's cache only grows: its final size)."""
+    return record.get("kv_bytes_peak") or sum(record["kv_bytes_final_read"])
+
+
 def capacity_rows(plan: dict, configs: Sequence[dict], timing: dict | None) -> list[dict]:
     """Per configuration: the batch that fits, its ratio to the unpruned model's, and (when measured)
-    decoding throughput at that batch, paired with the unpruned model at its own capacity."""
+    decoding throughput at that batch, paired with the unpruned model at its own capacity, and the
+    KV bytes the run at that batch really held (``within_budget`` checks the estimate)."""
     rows = []
     base_fit = plan["capacity"][0]
     runs = timing["runs"] if timing else None
@@ -187,6 +195,8 @@ def capacity_rows(plan: dict, configs: Sequence[dict], timing: dict | None) -> l
             "decode_tokens_per_s": None,
             "throughput_ratio": None,
             "decode_hook_share": None,
+            "peak_bytes_at_capacity": None,
+            "within_budget": None,
         }
         measured = runs is not None and runs[index] and runs[0] and fit > 0
         if measured:
@@ -195,6 +205,8 @@ def capacity_rows(plan: dict, configs: Sequence[dict], timing: dict | None) -> l
                 [decode_rate(r, fit) / decode_rate(b, base_fit) for b, r in zip(runs[0], runs[index])]
             )
             row["decode_hook_share"] = hook_share_spread(runs[index])
+            row["peak_bytes_at_capacity"] = max(run_peak(r) for r in runs[index])
+            row["within_budget"] = row["peak_bytes_at_capacity"] <= plan["budget_bytes"] * (1 + 1e-9)
         rows.append(row)
     return rows
 
@@ -210,7 +222,8 @@ def _median(value) -> float | None:
 
 THROUGHPUT_COLUMNS = ("method", "budget", "batch", "prefill s", "prefill x", "tok/s", "tok/s x")
 THROUGHPUT_COLUMNS += ("e2e x", "KV/seq MB", "KV end", "dec. hooks")
-CAPACITY_COLUMNS = ("method", "budget", "KV peak/seq MB", "fits", "fits x", "tok/s there", "tok/s x")
+CAPACITY_COLUMNS = ("method", "budget", "KV peak/seq MB", "fits", "fits x", "KV there MB", "tok/s there")
+CAPACITY_COLUMNS += ("tok/s x",)
 THROUGHPUT_LEGEND = (
     "tok/s: decoding tokens per second of the whole batch (batch / median time per step); x: ratio to "
     "the unpruned model at the same batch, median of repeats paired with the unpruned run before them. "
@@ -218,8 +231,10 @@ THROUGHPUT_LEGEND = (
     "dec. hooks: time in vistrim's decoding work (method hooks + runtime) / decoding time."
 )
 CAPACITY_LEGEND = (
-    "fits: the largest batch whose KV cache (the peak of the run, answer included) stays within the "
-    "budget; tok/s there: decoding throughput measured at that batch, x: / the unpruned model at its own."
+    "KV peak/seq: the most cache bytes per sequence during a run at the largest batch measured (answer "
+    "included). fits: the largest batch within the budget at that rate; KV there: the peak a run at "
+    "that batch held (* over the budget); tok/s there: decoding throughput measured at that batch, "
+    "x: / the unpruned model at its own."
 )
 
 
@@ -258,6 +273,8 @@ def capacity_cells(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
                 _fmt(r["per_sequence_peak_bytes"] / 1e6, "{:.1f}"),
                 str(r["capacity"]),
                 _fmt(r["capacity_ratio"], "{:.2f}x"),
+                _fmt(r.get("peak_bytes_at_capacity") and r["peak_bytes_at_capacity"] / 1e6, "{:.1f}")
+                + ("*" if r.get("within_budget") is False else ""),
                 _fmt(_median(r["decode_tokens_per_s"]), "{:.1f}"),
                 _fmt(_median(r["throughput_ratio"]), "{:.2f}x"),
             ]
@@ -309,10 +326,12 @@ def plot_throughput(rows: Sequence[dict], capacity: Sequence[dict] | None, path:
     for r in capacity or []:
         if r["decode_tokens_per_s"] is not None:
             colour = colours.get((r["label"], _budget(r)), "gray")
-            axes[0].scatter(
-                [r["capacity"]], [r["decode_tokens_per_s"]["median"]], marker="X", s=90, color=colour
+            point = (r["capacity"], r["decode_tokens_per_s"]["median"])
+            axes[0].scatter(*point, marker="X", s=90, color=colour)
+            axes[0].annotate(
+                str(r["capacity"]), point, xytext=(4, -10), textcoords="offset points", fontsize=7
             )
-    ticks = sorted({r["batch"] for r in rows} | {r["capacity"] for r in capacity or [] if r["capacity"]})
+    ticks = sorted({r["batch"] for r in rows})
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])

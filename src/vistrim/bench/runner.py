@@ -47,13 +47,20 @@ def cache_bytes(cache) -> list[int]:
 
 
 def timing_items(items: Sequence[VQAItem], count: int, seed: int = 0) -> list[VQAItem]:
-    """``count`` items with different images (the first question of each image, images in a
-    seeded order), so that a timed batch holds different prompts and images, never one repeated."""
-    first: dict[str, VQAItem] = {}
-    for item in items:
-        first.setdefault(item.image_path, item)
-    pool = list(first.values())
-    return random.Random(seed).sample(pool, min(count, len(pool)))
+    """``count`` items with different images, in a seeded order, so that a timed batch holds
+    different prompts and images, never one repeated: one question per image, a question text not
+    used yet while there are such (then any), so batches of any size mix prompt lengths too."""
+    order = random.Random(seed).sample(list(items), len(items))
+    chosen: dict[str, VQAItem] = {}
+    for distinct_text in (True, False):
+        texts = {item.question for item in chosen.values()}
+        for item in order:
+            if len(chosen) >= count:
+                break
+            if item.image_path not in chosen and not (distinct_text and item.question in texts):
+                chosen[item.image_path] = item
+                texts.add(item.question)
+    return list(chosen.values())
 
 
 def workload(model, processor, items: Sequence[VQAItem], batch: int) -> tuple[dict, dict]:

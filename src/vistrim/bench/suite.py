@@ -132,8 +132,9 @@ def bench(model, processor, methods, plan: BenchPlan, budgets=None) -> tuple[dic
         raw["timing"] = time_all(model, inputs, configs, options, advance)
         first = {"batch": plan.batch_size, "workload": info, "timing": raw["timing"]}
         raw["batches"] = time_batches(model, processor, pool, plan.batches[1:], configs, options, advance)
-        if plan.kv_budget is not None:
-            raw["capacity"] = capacity_plan(first, raw["configs"], plan.kv_budget)
+        if plan.kv_budget is not None:  # per-sequence bytes at the largest batch measured
+            largest = raw["batches"][-1] if raw["batches"] else first
+            raw["capacity"] = capacity_plan(largest, raw["configs"], plan.kv_budget)
             fits = [min(fit, len(pool)) for fit in raw["capacity"]["capacity"]]
             raw["capacity"]["capacity_run"] = fits  # what ran: the capacity, at most the prompt pool
             raw["capacity"]["timing"] = time_capacity(model, processor, pool, fits, configs, options, advance)

@@ -42,7 +42,8 @@ def add_bench_parser(commands) -> None:
     bench.add_argument(
         "--kv-budget",
         help="KV-cache budget: bytes (512MB, 2GiB) or a multiple of the unpruned cache of one sequence "
-        "(8x); reports the largest batch each method fits and its throughput there",
+        "(8x: what 8 unpruned sequences hold); reports the largest batch each method fits and its "
+        "throughput there",
     )
     bench.add_argument(
         "--samples",
