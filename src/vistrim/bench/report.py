@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from .batched import hook_share_spread
 from .flops import INCLUDED, FlopsShape, flops_ratio, prefill_flops
 from .timing import spread
 
@@ -77,7 +78,15 @@ def overhead(runs: Sequence[dict]) -> dict:
     return spread([r["hook_seconds_prefill"] / max(r["timing"]["prefill"], 1e-12) for r in runs])
 
 
-def quality_fields(record: dict, reference: dict) -> dict:
+def quality_record(raw: dict, index: int) -> dict | None:
+    """The answers' record of row ``index`` (0 = unpruned), None when none were answered."""
+    return None if raw.get("quality") is None else raw["quality"][index]
+
+
+def quality_fields(record: dict | None, reference: dict | None) -> dict:
+    """Quality figures of one row (all None when no items were answered, ``--samples 0``)."""
+    if record is None:
+        return {"layer_average_visual_answers": None, "identical": None, "kl_first_token": None}
     fields = {
         "layer_average_visual_answers": record["layer_average_visual"],
         "identical": record["fidelity"]["identical"],
@@ -120,8 +129,9 @@ def unpruned_row(raw: dict, shape: FlopsShape, num_layers: int) -> dict:
         "kv_ratio_prefill": 1.0,
         "kv_ratio_final": 1.0,
         "overhead": None,
+        "decode_hook_share": None,
         "peak_memory_bytes": raw["timing"]["peak_memory"][0],
-        **quality_fields(raw["quality"][0], raw["quality"][0]),
+        **quality_fields(quality_record(raw, 0), quality_record(raw, 0)),
     }
 
 
@@ -149,8 +159,9 @@ def config_row(raw: dict, index: int, shape: FlopsShape, base: dict) -> dict:
         "kv_ratio_final": kv_final / base["kv_bytes_final"],
         "overhead": overhead(runs),
         "hook_seconds_decode": spread([r["hook_seconds_decode"] for r in runs]),
+        "decode_hook_share": hook_share_spread(runs),
         "peak_memory_bytes": raw["timing"]["peak_memory"][index + 1],
-        **quality_fields(raw["quality"][index + 1], raw["quality"][0]),
+        **quality_fields(quality_record(raw, index + 1), quality_record(raw, 0)),
     }
 
 
@@ -175,14 +186,16 @@ def fmt(value, pattern: str = "{:.2f}") -> str:
 
 
 TIMING_COLUMNS = ("method", "budget", "tokens", "post-cut", "prefill x", "e2e x", "token x")
-TIMING_COLUMNS += ("FLOPs", "eff.", "KV pre", "KV end", "overhead")
+TIMING_COLUMNS += ("FLOPs", "eff.", "KV pre", "KV end", "overhead", "dec. hooks")
 LEGEND = (
     "tokens: layer-averaged visual tokens reached in prefill (what each layer processes). post-cut: the "
     "same average counted as released code logs it (a pruning layer counts its survivors). "
     "x: speed-up vs unpruned, median of repeats paired with the unpruned run before them "
     "(prefill = time to first token; token = median time per output token). "
     "FLOPs: prefill FLOPs / unpruned. eff.: prefill speed-up / (1 / FLOPs ratio). "
-    "KV: cache bytes / unpruned after prefill and at the end. overhead: time in method hooks / prefill time."
+    "KV: cache bytes / unpruned after prefill and at the end. overhead: time in method hooks / prefill time. "
+    "dec. hooks: time in vistrim's decoding work (method hooks + runtime: masks, positions, cache "
+    "bookkeeping) / decoding time."
 )
 
 
@@ -212,6 +225,7 @@ def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         cells += [fmt(r["flops_ratio"], "{:.1%}"), fmt(r["realisation_efficiency"])]
         cells += [fmt(r["kv_ratio_prefill"], "{:.0%}"), fmt(r["kv_ratio_final"], "{:.0%}")]
         cells.append(fmt(r["overhead"] and r["overhead"]["median"], "{:.1%}"))
+        cells.append(fmt(r.get("decode_hook_share") and r["decode_hook_share"]["median"], "{:.1%}"))
         if labelled:
             cells += [fmt(r.get("accuracy"), "{:.1%}"), fmt(r.get("relative_accuracy"), "{:.1%}")]
         else:

@@ -1,7 +1,9 @@
 """Running the benchmark: every configuration interleaved with the unpruned model, then quality.
 
 Timing: a warm-up of every configuration, then for each repeat the unpruned model followed by each
-configuration in turn, so drift on a shared machine hits all of them alike. The unpruned model runs
+configuration in turn, so drift on a shared machine hits all of them alike. Larger batches (and the
+batch each configuration fits in a KV budget) are timed the same way; there only the unpruned model
+warms up, since a warm-up costs a whole batched prefill. The unpruned model runs
 without vistrim's hooks (the reference a user compares against); ``none`` in ``--methods`` measures
 the runtime's own cost. Quality: greedy answers on labelled items (accuracy) and their agreement with
 the unpruned model's answers (fidelity), after all timing.
@@ -10,6 +12,7 @@ the unpruned model's answers (fidelity), after all timing.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,8 +46,25 @@ def cache_bytes(cache) -> list[int]:
     return [kv_bytes(layer) for layer in cache.layers]
 
 
+def timing_items(items: Sequence[VQAItem], count: int, seed: int = 0) -> list[VQAItem]:
+    """``count`` items with different images, in a seeded order, so that a timed batch holds
+    different prompts and images, never one repeated: one question per image, a question text not
+    used yet while there are such (then any), so batches of any size mix prompt lengths too."""
+    order = random.Random(seed).sample(list(items), len(items))
+    chosen: dict[str, VQAItem] = {}
+    for distinct_text in (True, False):
+        texts = {item.question for item in chosen.values()}
+        for item in order:
+            if len(chosen) >= count:
+                break
+            if item.image_path not in chosen and not (distinct_text and item.question in texts):
+                chosen[item.image_path] = item
+                texts.add(item.question)
+    return list(chosen.values())
+
+
 def workload(model, processor, items: Sequence[VQAItem], batch: int) -> tuple[dict, dict]:
-    """Timing inputs (the first ``batch`` items) and their geometry."""
+    """Timing inputs (the first ``batch`` items, left-padded) and their geometry."""
     from ..families import family_for
 
     images, questions = item_batches(items[:batch], batch)[0]
@@ -89,13 +109,17 @@ def stats_record(stats) -> dict:
         "vision_tokens": None if vision is None else [float(v) for v in vision],
         "kv_bytes_prefill": list(stats.kv_bytes_prefill),
         "kv_bytes_final": list(stats.kv_bytes_final),
+        "kv_bytes_peak": stats.kv_bytes_peak,
     }
 
 
-def time_all(model, inputs, configs: list[Config], options: BenchOptions, advance: Advance) -> dict:
-    """Warm-up, then ``repeats`` interleaved rounds. Returns raw records per configuration."""
+def time_all(
+    model, inputs, configs: list[Config], options: BenchOptions, advance: Advance, warm_all: bool = True
+) -> dict:
+    """Warm-up (every configuration, or only the unpruned model), then ``repeats`` interleaved
+    rounds. Returns raw records per configuration."""
     methods = [None] + [c.method for c in configs]
-    for method in methods:
+    for method in methods if warm_all else methods[:1]:
         timed_run(model, inputs, method, options.warmup_tokens)
         advance("warm-up", 1)
     runs: list[list[dict]] = [[] for _ in methods]
@@ -103,17 +127,64 @@ def time_all(model, inputs, configs: list[Config], options: BenchOptions, advanc
     for repeat in range(options.repeats):
         for index, method in enumerate(methods):
             reset_peak_memory(model.device)
-            record = timed_run(model, inputs, method, options.new_tokens)
+            runs[index].append(measured_run(model, inputs, method, options, keep_stats=repeat == 0))
             peaks[index] = max(peaks[index], peak_memory(model.device)[0])
-            if "stats" in record:
-                stats = record.pop("stats")
-                record["hook_seconds_prefill"] = stats.hook_seconds_prefill
-                record["hook_seconds_decode"] = stats.hook_seconds_decode
-                if repeat == 0:
-                    record["stats"] = stats_record(stats)
-            runs[index].append(record)
             advance(f"timing, repeat {repeat + 1}/{options.repeats}", 1)
     return {"runs": runs, "peak_memory": peaks, "peak_memory_kind": peak_memory(model.device)[1]}
+
+
+def measured_run(model, inputs, method, options: BenchOptions, keep_stats: bool) -> dict:
+    """One timed run as a plain record: timings, cache bytes, hook times (and, if asked, the
+    statistics the report needs)."""
+    record = timed_run(model, inputs, method, options.new_tokens)
+    if "stats" in record:
+        stats = record.pop("stats")
+        record["hook_seconds_prefill"] = stats.hook_seconds_prefill
+        record["hook_seconds_decode"] = stats.hook_seconds_decode
+        record["runtime_seconds_decode"] = stats.runtime_seconds_decode
+        record["kv_bytes_peak"] = stats.kv_bytes_peak
+        if keep_stats:
+            record["stats"] = stats_record(stats)
+    return record
+
+
+def time_batches(
+    model, processor, pool: Sequence[VQAItem], batches: Sequence[int], configs, options, advance: Advance
+) -> list[dict]:
+    """The timed grid at each of ``batches`` (different prompts and images from ``pool``)."""
+    entries = []
+    for batch in batches:
+        inputs, info = workload(model, processor, pool, batch)
+        entries.append(
+            {
+                "batch": batch,
+                "workload": info,
+                "timing": time_all(model, inputs, configs, options, advance, warm_all=False),
+            }
+        )
+    return entries
+
+
+def time_capacity(
+    model, processor, pool: Sequence[VQAItem], capacities: Sequence[int], configs, options, advance: Advance
+) -> dict:
+    """Each configuration at the batch it fits in the KV budget (``capacities[0]``: the unpruned
+    model's), interleaved repeat by repeat as elsewhere; a capacity of 0 is not run."""
+    methods = [None] + [c.method for c in configs]
+    encoded: dict[int, tuple] = {}
+    runs: list[list[dict]] = [[] for _ in methods]
+    for repeat in range(options.repeats):
+        for index, (method, batch) in enumerate(zip(methods, capacities)):
+            if batch >= 1:
+                if batch not in encoded:
+                    encoded[batch] = workload(model, processor, pool, batch)
+                inputs = encoded[batch][0]
+                if repeat == 0 and index == 0:  # the first run at a new size: warm the plain model
+                    timed_run(model, inputs, None, options.warmup_tokens)
+                runs[index].append(measured_run(model, inputs, method, options, keep_stats=repeat == 0))
+            advance(f"capacity, repeat {repeat + 1}/{options.repeats}", 1)
+    workloads = {str(b): info for b, (_, info) in encoded.items()}
+    return {"runs": runs, "workloads": workloads}
 
 
 def quality_all(

@@ -35,16 +35,22 @@ def add_bench_parser(commands) -> None:
         "--batch-size",
         "--batch",
         dest="batch_size",
-        type=int,
-        default=1,
-        help="prompts per timed generate (default 1)",
+        default="1",
+        help="prompts per timed generate: one size or a list (1,8,32: throughput per batch size; "
+        "the main table at the smallest; default 1)",
+    )
+    bench.add_argument(
+        "--kv-budget",
+        help="KV-cache budget: bytes (512MB, 2GiB) or a multiple of the unpruned cache of one sequence "
+        "(8x: what 8 unpruned sequences hold); reports the largest batch each method fits and its "
+        "throughput there",
     )
     bench.add_argument(
         "--samples",
         "--limit",
         dest="samples",
         type=int,
-        help="easy-vqa test items answered for accuracy/fidelity",
+        help="easy-vqa test items answered for accuracy/fidelity (0: timing only)",
     )
     bench.add_argument("--quick", action="store_true", help="fewer budgets, repeats, tokens and samples")
     bench.add_argument("--out", help="output folder (default results/bench-<model>-<timestamp>)")
@@ -83,6 +89,7 @@ def resolve(args: argparse.Namespace):
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        kv_budget=args.kv_budget,
     )
     check_threads(args.threads)
     args.out = check_output_dir(args.out or default_out(args.model), "--out")

@@ -8,7 +8,9 @@ prefill layers by a score subclass ``ScorerMethod`` (``methods/scorer.py``) and 
   in prefill, e.g. ``ctx.keep_top(scores, counts)`` to cut visual tokens for all deeper layers;
 - ``on_prefill_end(ctx)``: after the whole prefill, e.g. evict entries from any layer's cache;
 - ``decode_layers(geo)`` / ``on_decode_layer(ctx, layer)``: after those layers ran in a
-  decoding step, e.g. ``ctx.evict_top(layer, scores, counts)``.
+  decoding step, e.g. ``ctx.evict_top(layer, scores, counts)``;
+- ``on_decode_end(ctx)``: after a whole decoding step, e.g. one selection for every layer
+  scored during the step (``ctx.evict_top_layers``): no layer reads another's cache after it ran.
 
 Settings are data: each field's type, bounds and one-line help are declared on the field
 (``Annotated[int, Field(ge=1, description=...)]``) and checked by pydantic when a method is built;
@@ -88,6 +90,9 @@ class Method:
         pass
 
     def on_decode_layer(self, ctx, layer: int) -> None:
+        pass
+
+    def on_decode_end(self, ctx) -> None:
         pass
 
     # ------------------------------------------------------------------ budgets

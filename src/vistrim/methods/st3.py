@@ -191,7 +191,7 @@ class ST3(ScorerMethod):
         return dataclasses.replace(self, start_layer=start, end_layer=end, min_ratio=min_ratio)
 
     def decode_target(self, n0: torch.Tensor, step: int) -> torch.Tensor:
-        """(B,) N_l(t) for a layer that held ``n0`` (B,) visual entries after prefill."""
+        """N_l(t) for layers that held ``n0`` visual entries after prefill ((B,), or (layers, B))."""
         factor = anneal(step, curve=self.curve, horizon=self.horizon)
         annealed = torch.ceil(n0.double() * factor - 1e-9).long()
         return torch.minimum(torch.maximum(annealed, budget_counts(self.min_keep, n0)), n0)
@@ -212,14 +212,21 @@ class ST3(ScorerMethod):
         if not (select or self.smoothing):
             return
         cache_layer = ctx.cache_layer(layer)
-        n0 = cache_layer.row_notes["st3_n0"]
-        if not bool(n0.any()):
+        if not bool(cache_layer.row_notes["st3_n0"].any()):
             return
         scores = ctx.attention("last").probs[:, 0]
         if self.smoothing:
             scores = self._smoothed(ctx, cache_layer, layer, scores)
-        if select:
-            ctx.evict_top(layer, scores, self.decode_target(n0, step))
+        if select:  # selected for every scored layer at once, after the step (on_decode_end)
+            ctx.scratch.setdefault("st3_scores", []).append((layer, scores))
+
+    def on_decode_end(self, ctx) -> None:
+        scored = ctx.scratch.pop("st3_scores", [])
+        if not scored:
+            return
+        layers, scores = (list(column) for column in zip(*scored))
+        n0 = torch.stack([ctx.cache_layer(layer).row_notes["st3_n0"] for layer in layers])
+        ctx.evict_top_layers(layers, scores, self.decode_target(n0, ctx.step))
 
     def _smoothed(self, ctx, cache_layer, layer: int, scores: torch.Tensor) -> torch.Tensor:
         index, _ = ctx.visual_slots(layer)

@@ -2,7 +2,8 @@
 
 Named models: ``tiny`` (random, built from a config: for trying the tools), ``testbed`` (the
 shipped, trained easy-vqa LLaVA: the embedded default), ``llava-geometry`` (real SmolLM2-135M
-language model with a random CLIP-shaped tower at LLaVA-1.5 geometry, built once and cached).
+language model with a random CLIP-shaped tower at LLaVA-1.5 geometry, built once and cached;
+``llava-geometry-672`` the same at 672 px, 2,304 visual tokens per image, for long contexts).
 Anything else is a local folder or a Hugging Face hub id, loaded with ``from_pretrained``.
 
 A model folder or hub repo is data, never code: everything is loaded with
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 
 from ..errors import VistrimError
 
-NAMED = ("testbed", "llava-geometry", "tiny")
+NAMED = ("testbed", "llava-geometry", "llava-geometry-672", "tiny")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = (
     "*.safetensors",
@@ -119,15 +120,15 @@ def _load(spec: str, device: torch.device, torch_dtype: torch.dtype, attn: str):
             return load_testbed(device=device, dtype=torch_dtype, attn_implementation=attn)
         except _LOAD_ERRORS as error:  # the shipped folder is missing or incomplete (a broken install)
             raise VistrimError(f"cannot load the shipped test-bed model: {_first_line(error)}") from None
-    if spec == "llava-geometry":
+    if spec in ("llava-geometry", "llava-geometry-672"):
         from .geometry import geometry_dir, load_llava_geometry
 
         try:
-            return load_llava_geometry(device=device, dtype=torch_dtype, attn_implementation=attn)
+            return load_llava_geometry(device=device, dtype=torch_dtype, attn_implementation=attn, name=spec)
         except _LOAD_ERRORS as error:  # a damaged cache folder
             raise VistrimError(
-                f"cannot load the cached llava-geometry model ({_first_line(error)}); "
-                f"delete {geometry_dir()} to rebuild it"
+                f"cannot load the cached {spec} model ({_first_line(error)}); "
+                f"delete {geometry_dir(spec)} to rebuild it"
             ) from None
     return _from_pretrained(spec, device, torch_dtype, attn)
 

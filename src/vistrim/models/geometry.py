@@ -18,6 +18,13 @@ about 4%), so pruning inside the LM is what dominates the measured speed-up, as 
 The model is built once (about half a minute, mostly dequantizing the GGUF) and cached with
 ``save_pretrained`` under ``$VISTRIM_CACHE/llava-geometry`` (default ``~/.cache/vistrim``); later
 loads take a couple of seconds.
+
+``llava-geometry-672`` is the same model at high resolution, for long contexts: 672 px images, so
+every image becomes 48 x 48 = 2,304 visual tokens (LLaVA-NeXT's 2x2 tiles plus base image give
+2,880), the same SmolLM2 language model and a tower built the same way (same width and depth,
+position embeddings for 2,305 positions), cached under ``llava-geometry-672``. There a ~2,350-token
+prefill is mostly attention and MLP over visual tokens, and the KV cache of a few sequences
+outweighs the language model's weights.
 """
 
 from __future__ import annotations
@@ -71,24 +78,30 @@ SMOLLM2_CHAT_TEMPLATE = (
 )
 
 
-def geometry_vision_config(hidden: int = 384, layers: int = 8) -> CLIPVisionConfig:
-    """CLIP tower at LLaVA-1.5 geometry (336 px, patch 14 -> 576 patches + CLS) with a reduced width."""
+# Named variants: model name -> image size (patch 14: 336 px -> 576 visual tokens, 672 px -> 2,304).
+VARIANTS = {"llava-geometry": 336, "llava-geometry-672": 672}
+
+
+def geometry_vision_config(hidden: int = 384, layers: int = 8, image_size: int = 336) -> CLIPVisionConfig:
+    """CLIP tower at LLaVA-1.5 geometry (336 px, patch 14 -> 576 patches + CLS; 672 px -> 2,304) with a
+    reduced width."""
     return CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 64,
-        image_size=336,
+        image_size=image_size,
         patch_size=14,
         projection_dim=hidden,
         hidden_act="quick_gelu",  # what OpenAI CLIP (and so LLaVA-1.5's tower) uses
     )
 
 
-def geometry_dir() -> Path:
-    """Where the built model is cached: ``$VISTRIM_CACHE/llava-geometry``, default ``~/.cache/vistrim``."""
+def geometry_dir(name: str = "llava-geometry") -> Path:
+    """Where the built model ``name`` (a key of ``VARIANTS``) is cached: ``$VISTRIM_CACHE/<name>``,
+    default ``~/.cache/vistrim``."""
     root = os.environ.get("VISTRIM_CACHE") or Path.home() / ".cache" / "vistrim"
-    return Path(root).expanduser() / "llava-geometry"
+    return Path(root).expanduser() / name
 
 
 def assemble_llava(
@@ -199,7 +212,12 @@ def _load_smollm2() -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
 
 
 def build_llava_geometry(
-    out_dir: str | Path, *, vision_hidden: int = 384, vision_layers: int = 8, seed: int = 0
+    out_dir: str | Path,
+    *,
+    vision_hidden: int = 384,
+    vision_layers: int = 8,
+    seed: int = 0,
+    image_size: int = 336,
 ) -> Path:
     """Build the model and save model + processor to ``out_dir``; returns ``out_dir``.
 
@@ -209,7 +227,7 @@ def build_llava_geometry(
     out_dir = Path(out_dir)
     language_model, tokenizer = _load_smollm2()
     model, processor = assemble_llava(
-        language_model, tokenizer, geometry_vision_config(vision_hidden, vision_layers), seed=seed
+        language_model, tokenizer, geometry_vision_config(vision_hidden, vision_layers, image_size), seed=seed
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -230,12 +248,14 @@ def load_llava_geometry(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    name: str = "llava-geometry",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The cached LLaVA-geometry model and processor, building them first if the cache is empty."""
-    folder = geometry_dir()
+    """The cached LLaVA-geometry model ``name`` (a key of ``VARIANTS``) and its processor, building
+    them first if the cache is empty."""
+    folder = geometry_dir(name)
     if not (folder / "config.json").exists():
-        print(f"vistrim: building the LLaVA-geometry model once into {folder} (about 30 s)...", flush=True)
-        build_llava_geometry(folder)
+        print(f"vistrim: building the {name} model once into {folder} (about 30 s)...", flush=True)
+        build_llava_geometry(folder, image_size=VARIANTS[name])
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, dtype=dtype, attn_implementation=attn_implementation
     )

@@ -22,9 +22,12 @@ def removal_index(removable: torch.Tensor) -> torch.Tensor | None:
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Gather per-row entries along ``dim`` of ``x`` (batch first). index: (B, k)."""
-    shape = [1] * x.dim()
-    shape[0], shape[dim] = index.shape
-    expand = list(x.shape)
-    expand[dim] = index.shape[1]
-    return x.gather(dim, index.view(shape).expand(expand))
+    """Gather per-row entries along ``dim`` of ``x`` (batch first). index: (B, k), or (1, k) for the
+    same entries in every row. Copies whole rows of the trailing dimensions (``index_select``,
+    advanced indexing) rather than gathering element by element: the same result, several times
+    faster on the KV cache and hidden states, where compaction costs the most."""
+    if index.shape[0] == 1:
+        return x.index_select(dim, index[0])
+    if dim == 1:
+        return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+    return torch.stack([row.index_select(dim - 1, picked) for row, picked in zip(x, index)])

@@ -26,6 +26,7 @@ class TrackedLayer(DynamicLayer):
         self.visual: torch.Tensor | None = None  # (B, P) visual token
         self.all_live = True  # no padding and no holes: the layer needs no mask of its own
         self._slots: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._visual_live: torch.Tensor | None = None  # (B,) live visual entries, until entries change
         # Method-owned notes that must follow the rows and entries: (B, P) per held prompt entry,
         # and (B, ...) per row. Compaction gathers entry notes; row operations select both.
         self.entry_notes: dict[str, torch.Tensor] = {}
@@ -50,7 +51,7 @@ class TrackedLayer(DynamicLayer):
     ) -> None:
         self.entry_notes = dict(notes or {})
         self.prompt_len, self.pos, self.live, self.visual = prompt_len, pos, live, visual
-        self.all_live, self._slots = all_live, None
+        self.all_live, self._slots, self._visual_live = all_live, None, None
 
     def visual_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (B, V) of the held visual entries per row and their validity (live, not padding)."""
@@ -58,22 +59,31 @@ class TrackedLayer(DynamicLayer):
             self._slots = visual_slots(self.visual, self.live)
         return self._slots
 
+    def live_visual_count(self) -> torch.Tensor:
+        """(B,) live visual entries held, recomputed only when the entries change (the runtime reads
+        it after every decoding step)."""
+        if self._visual_live is None:
+            self._visual_live = (self.live & self.visual).sum(-1)
+        return self._visual_live
+
     def drop(self, dead: torch.Tensor) -> None:
         """Stop attending to prompt entries ``dead`` (B, P) and free their memory where rows allow."""
         if bool((dead & ~self.visual).any()):
             raise VistrimError("internal: only visual cache entries may be evicted")
-        self.live, self._slots = self.live & ~dead, None
+        self.live, self._slots, self._visual_live = self.live & ~dead, None, None
         index = removal_index(self.visual & ~self.live)
         if index is not None:
             self._keep_prompt_entries(index)
         self.all_live = bool(self.live.all())
 
     def _keep_prompt_entries(self, index: torch.Tensor) -> None:
-        held = self.held_prompt
-        self.keys = torch.cat([gather_rows(self.keys[:, :, :held], index, 2), self.keys[:, :, held:]], dim=2)
-        self.values = torch.cat(
-            [gather_rows(self.values[:, :, :held], index, 2), self.values[:, :, held:]], dim=2
-        )
+        held, length = self.held_prompt, self.get_seq_length()
+        # One gather over prompt and generated entries (not a gather and a concatenation): the cache
+        # is copied once, which is most of what an eviction costs while decoding.
+        generated = torch.arange(held, length, device=index.device).expand(index.shape[0], -1)
+        full = torch.cat([index, generated], dim=1)
+        self.keys = gather_rows(self.keys, full, 2)
+        self.values = gather_rows(self.values, full, 2)
         self.pos, self.live, self.visual = (t.gather(1, index) for t in (self.pos, self.live, self.visual))
         self.entry_notes = {k: v.gather(1, index) for k, v in self.entry_notes.items()}
 
@@ -106,7 +116,7 @@ class TrackedLayer(DynamicLayer):
         if self.pos is None:
             return
         self.pos, self.live, self.visual = (fn(t) for t in (self.pos, self.live, self.visual))
-        self._slots = None
+        self._slots = self._visual_live = None
         self.entry_notes = {k: fn(v) for k, v in self.entry_notes.items()}
         self.row_notes = {k: fn(v) for k, v in self.row_notes.items()}
 

@@ -275,6 +275,24 @@ class Context:
         """Keep the ``counts`` (B,) highest-scoring visual entries of cache ``layer``."""
         self.evict(layer, topk_mask(scores, counts, self.visual_slots(layer)[1]))
 
+    def evict_top_layers(self, layers: list[int], scores: list[torch.Tensor], counts: torch.Tensor) -> None:
+        """``evict_top`` for several cache layers at once (e.g. every layer at the end of a decoding
+        step): ``scores[i]`` (B, V_i) over layer ``layers[i]``'s visual slots, ``counts`` (len, B).
+        One top-k over the slots padded to the widest layer selects for all of them; the same
+        entries go as with ``evict_top`` layer by layer."""
+        if not layers:
+            return
+        width = max(score.shape[-1] for score in scores)
+        padded, valid = [], []
+        for layer, score in zip(layers, scores):
+            pad = width - score.shape[-1]
+            padded.append(torch.nn.functional.pad(score.float(), (0, pad)))
+            valid.append(torch.nn.functional.pad(self.visual_slots(layer)[1], (0, pad)))
+        batch = scores[0].shape[0]
+        keep = topk_mask(torch.cat(padded), counts.reshape(-1), torch.cat(valid))
+        for i, (layer, score) in enumerate(zip(layers, scores)):
+            self.evict(layer, keep[i * batch : (i + 1) * batch, : score.shape[-1]])
+
     # ------------------------------------------------------------------ runtime side
     def _text_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         st = self.state

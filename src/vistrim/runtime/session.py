@@ -13,8 +13,12 @@ layer's output, and every deeper layer sees only the survivors, at their origina
 final norm's pre-hook puts the sequence back to full length (dropped tokens carry the state they
 had when dropped), so logits keep the shape of ``input_ids``.
 
-Decoding: each layer's mask is rebuilt from what its own cache holds, and a method may evict
-visual entries from any cache layer after a layer has run.
+Decoding: each layer's mask comes from what its own cache holds, and a method may evict
+visual entries from any cache layer after a layer has run. A step costs the runtime little beyond
+what positions and masks need: layers holding the same entries share one mask, and a layer whose
+entries did not change since the previous step extends that step's mask by the one key added (the
+token just generated) instead of calling the mask builder again; layers no method reads during
+decoding get no per-layer work.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from transformers.cache_utils import DynamicCache
 from ..compat import check_transformers, clear_output_cache
 from ..errors import VistrimError
 from ..families import family_for
+from ..methods.base import Method
 from ..ops.compact import gather_rows
 from .cache import TrackedLayer
 from .context import DECODE, PREFILL, Context, PromptState
@@ -50,6 +55,8 @@ class Session:
         geo = self.adapter.geometry
         self._prefill_layers = frozenset(method.prefill_layers(geo))
         self._decode_layers = frozenset(method.decode_layers(geo))
+        # only methods that act after a whole decoding step are called (and timed) there
+        self._decode_end = type(method).on_decode_end is not Method.on_decode_end
         self.renumber = getattr(method, "positions", "original") == "renumber"
         if self.renumber and not self.adapter.renumber:
             if getattr(method, "official", False):  # official rules that renumber (PyramidDrop's)
@@ -62,6 +69,10 @@ class Session:
                 "(multi-axis positions); use positions=original"
             )
         self._flash = self.adapter.text_config._attn_implementation.startswith("flash")
+        # Decoding masks of the previous step and the current one, by the live tensor they were
+        # built for: {id(live): (live, cache length, mask)} (see ``_decode_mask``).
+        self._last_masks: dict = {}
+        self._step_masks: dict = {}
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -127,6 +138,7 @@ class Session:
             adapter.cache_arg.put(kwargs, cache)
         adapter.check_cache(cache)
         cache.layers = [TrackedLayer() for _ in adapter.layers]
+        self._last_masks, self._step_masks = {}, {}
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise VistrimError("vistrim needs a 2-D attention mask (batch, length) or none")
@@ -150,6 +162,7 @@ class Session:
         self._ctx = ctx
 
     def _start_decode(self, cache, kwargs: dict) -> None:
+        started = time.perf_counter()
         first = cache.layers[0]
         ctx = Context(self, DECODE, cache, kwargs.get("attention_mask"))
         ctx.step = first.generated
@@ -166,18 +179,28 @@ class Session:
                 reference.shape[0],
                 reference.device,
             )
-        ctx.tail_all_live = ctx.attention_mask is None or bool(ctx.attention_mask.all())
+        mask = ctx.attention_mask
+        # the prompt's own padding is in each layer's ``live``; this is about generated positions
+        ctx.tail_all_live = mask is None or bool(mask[:, first.prompt_len :].all())
+        self._last_masks, self._step_masks = self._step_masks, {}
         self._ctx = ctx
+        self.stats.runtime_seconds_decode += time.perf_counter() - started
 
     def _core_post(self, module, args, kwargs, output):
         ctx, self._ctx = self._ctx, None
         if ctx is None:
             return None
+        started = time.perf_counter()
         if ctx.phase == PREFILL:
-            started = time.perf_counter()
             self.method.on_prefill_end(ctx)
-            self.stats.add_hook_time(PREFILL, time.perf_counter() - started)
+        elif self._decode_end:
+            self.method.on_decode_end(ctx)
+        recorded = time.perf_counter()
+        if ctx.phase == PREFILL or self._decode_end:
+            self.stats.add_hook_time(ctx.phase, recorded - started)
         self.stats.record_cache(ctx.cache, after_prefill=ctx.phase == PREFILL)
+        if ctx.phase == DECODE:
+            self.stats.runtime_seconds_decode += time.perf_counter() - recorded
         if ctx.strip_cache:
             clear_output_cache(output)
         return output
@@ -195,8 +218,10 @@ class Session:
                 args, ctx._entry_cut = (hidden, *args[1:]), None
             self._prefill_layer_geometry(ctx, index, hidden, kwargs)
         else:
+            started = time.perf_counter()
             self._decode_layer_geometry(ctx, index, hidden, kwargs)
-        if index in self._prefill_layers or index in self._decode_layers:
+            self.stats.runtime_seconds_decode += time.perf_counter() - started
+        if index in (self._prefill_layers if ctx.phase == PREFILL else self._decode_layers):
             cos, sin = kwargs["position_embeddings"]
             batch = hidden.shape[0]
             ctx._stash = (index, hidden, cos.expand(batch, *cos.shape[1:]), sin.expand(batch, *sin.shape[1:]))
@@ -235,17 +260,39 @@ class Session:
         length = layer.get_seq_length()
         key = (id(layer.live), length)
         if key not in ctx._masks:
-            tail = length - layer.held_prompt + hidden.shape[1]
-            pad2d = torch.cat([layer.live, ctx._tail_mask(tail)], dim=1)
-            mask = self._build_mask(ctx, pad2d, hidden, index) if needs_mask else None
-            # with renumber, each layer numbers its own live entries contiguously
-            rope = self.adapter.renumbered_positions(hidden, pad2d) if self.renumber else None
+            mask = self._decode_mask(ctx, layer, length, hidden, index) if needs_mask else None
+            rope = None
+            if self.renumber:  # each layer numbers its own live entries contiguously
+                pad2d = self._decode_pad2d(ctx, layer, length, hidden)
+                rope = self.adapter.renumbered_positions(hidden, pad2d)
             ctx._masks[key] = (layer.live, mask, rope)
         _, mask, rope = ctx._masks[key]
         if needs_mask:
             kwargs["attention_mask"] = mask
         if rope is not None:
             kwargs["position_embeddings"], kwargs["position_ids"] = rope
+
+    def _decode_pad2d(self, ctx: Context, layer: TrackedLayer, length: int, hidden) -> torch.Tensor:
+        """(B, keys) liveness of the layer's entries after this step's update: its prompt entries,
+        then generated positions as the 2-D attention mask says."""
+        return torch.cat([layer.live, ctx._tail_mask(length - layer.held_prompt + hidden.shape[1])], dim=1)
+
+    def _decode_mask(self, ctx: Context, layer: TrackedLayer, length: int, hidden, index: int):
+        """The layer's mask for this step. Built by transformers' builder, except when the layer
+        held the same entries at the previous step (same ``live`` tensor, one entry shorter) and
+        every generated position is attended: then the previous mask gains one column, a copy of
+        the column of the token that step processed (visible to itself, so "attend" in whatever
+        format the backend's mask uses), which is what the builder would return."""
+        one_query = hidden.shape[1] == 1 and ctx.tail_all_live
+        previous = self._last_masks.get(id(layer.live)) if one_query else None
+        mask = None
+        if previous is not None and previous[0] is layer.live and previous[1] + 1 == length:
+            mask = extended_mask(previous[2], length + 1)
+        if mask is None:
+            mask = self._build_mask(ctx, self._decode_pad2d(ctx, layer, length, hidden), hidden, index)
+        if one_query:
+            self._step_masks[id(layer.live)] = (layer.live, length, mask)
+        return mask
 
     def _mask(self, ctx: Context, key, pad2d, hidden, index: int):
         if key not in ctx._masks:
@@ -257,7 +304,7 @@ class Session:
 
     def _layer_post(self, index: int, module, args, output):
         ctx = self._ctx
-        if ctx is None:
+        if ctx is None or (ctx.phase == DECODE and index not in self._decode_layers):
             return None
         started = time.perf_counter()
         ctx.layer, ctx.output = index, output
@@ -281,3 +328,14 @@ class Session:
         hidden = args[0]
         src = ctx.state.src[..., None].expand_as(hidden)
         return (ctx.frozen.scatter(1, src, hidden),)
+
+
+def extended_mask(mask, keys: int):
+    """A one-query decoding mask over ``keys - 1`` keys, extended to ``keys`` by repeating its last
+    column (the query's own key, always attended). Tensor masks only, (B, keys - 1) as
+    FlashAttention takes them or (B, 1, 1, keys - 1); None for anything else (the caller builds)."""
+    if not torch.is_tensor(mask) or mask.shape[-1] + 1 != keys or mask.dim() not in (2, 4):
+        return None
+    if mask.dim() == 4 and mask.shape[-2] != 1:
+        return None
+    return torch.cat([mask, mask[..., -1:]], dim=-1)

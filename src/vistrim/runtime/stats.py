@@ -35,6 +35,12 @@ class RunStats:
     # On CUDA this is launch time unless the caller synchronizes.
     hook_seconds_prefill: float = 0.0
     hook_seconds_decode: float = 0.0
+    # The runtime's own work in decoding steps (positions, masks, cache bookkeeping), apart from
+    # the method's hooks: with ``hook_seconds_decode`` everything vistrim adds to a step.
+    runtime_seconds_decode: float = 0.0
+    # The most KV bytes the cache held at any point of the run (after prefill or any step): what
+    # must fit in memory, e.g. for the largest batch a KV budget allows.
+    kv_bytes_peak: int = 0
     # Tokens each vision-tower layer processed (CLS included, mean over images) when a method
     # changed them; None means the tower ran untouched.
     vision_tokens: list[float] | None = None
@@ -92,7 +98,8 @@ class RunStats:
             b // max(1, layer.get_seq_length()) * (layer.prompt_len + layer.generated)
             for b, layer in zip(held, layers)
         ]
-        visual = torch.stack([(layer.live & layer.visual).sum(-1) for layer in layers])
+        visual = torch.stack([layer.live_visual_count() for layer in layers])
+        self.kv_bytes_peak = max(self.kv_bytes_peak, sum(held))
         if after_prefill:
             self.kv_bytes_prefill, self.kv_bytes_unpruned_prefill, self.cache_visual_prefill = (
                 held,
@@ -129,6 +136,8 @@ class RunStats:
             "decode_steps": self.decode_steps,
             "hook_seconds_prefill": self.hook_seconds_prefill,
             "hook_seconds_decode": self.hook_seconds_decode,
+            "runtime_seconds_decode": self.runtime_seconds_decode,
+            "kv_bytes_peak": self.kv_bytes_peak,
             "vision_tokens_per_layer": self.vision_tokens,
             **self.extra,
         }
