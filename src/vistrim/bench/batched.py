@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..errors import VistrimError
-from .timing import spread
+from .numbers import spread
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import VistrimError
+from .numbers import spread  # noqa: F401  (re-exported: bench.timing.spread)
 
 
 def set_threads(threads: int) -> None:
@@ -83,11 +83,6 @@ def timed_generate(model, inputs, new_tokens: int, **generate_kwargs):
     )
     synchronize(device)
     return timing_from_stamps(start, clock.stamps, time.perf_counter()), output
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    """Median with min and max beside it."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
