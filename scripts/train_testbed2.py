@@ -118,7 +118,9 @@ class PatchHeads(nn.Module):
 
 
 def vision_batch(processor, step: int, args, grid: int):
-    scenes = shapes.make_scenes("train", args.vision_batch, args.seed, step * args.vision_batch, args.photo_dir)
+    scenes = shapes.make_scenes(
+        "train", args.vision_batch, args.seed, step * args.vision_batch, args.photo_dir
+    )
     targets = [patch_targets(s, grid) for s in scenes]
     pixels = pixels_of(processor, [shapes.render(s) for s in scenes])
     return pixels, torch.stack([t[0] for t in targets]), torch.stack([t[1] for t in targets])
@@ -178,7 +180,11 @@ class Packer:
         for b, (ids, pos, owner, targets, weights, qs) in enumerate(rows):
             n = len(ids)
             input_ids[b, :n], position_ids[b, :n] = torch.tensor(ids), torch.tensor(pos)
-            target[b, :n], weight[b, :n], question[b, :n] = torch.tensor(targets), torch.tensor(weights), torch.tensor(qs)
+            target[b, :n], weight[b, :n], question[b, :n] = (
+                torch.tensor(targets),
+                torch.tensor(weights),
+                torch.tensor(qs),
+            )
             own = torch.tensor(owner)
             same = (own[:, None] == own[None, :]) | (own[None, :] == -1)  # own question or the prefix
             mask[b, 0, :n, :n] = causal[:n, :n] & same
@@ -214,6 +220,10 @@ def lm_loss(model, pixels, packed):
 
 
 # ----------------------------------------------------------------------------------------- loop
+class StopTraining(Exception):
+    """``--stop-after`` steps are done in this invocation (the checkpoint is written)."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -235,6 +245,9 @@ def train_stage(name, model, params, modules, step_fn, total, lr, args, ckpt, st
     elapsed = state.get("timings", {}).get(f"{name}_s", 0.0) if state.get("stage") == name else 0.0
     began = time.perf_counter()
     for step in range(start, total):
+        if args.stop_after is not None and args.steps_run >= args.stop_after:
+            raise StopTraining
+        args.steps_run += 1
         loss, metrics = step_fn(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -244,9 +257,12 @@ def train_stage(name, model, params, modules, step_fn, total, lr, args, ckpt, st
         if step % args.log_every == 0 or step == total - 1:
             text = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
             log(f"{name} step {step}/{total}: loss {loss.item():.4f} {text}")
-        if (step + 1) % args.checkpoint_every == 0 or step == total - 1:
+        last = step == total - 1 or (args.stop_after is not None and args.steps_run >= args.stop_after)
+        if (step + 1) % args.checkpoint_every == 0 or last:
             timings = {**state.get("timings", {}), f"{name}_s": elapsed + time.perf_counter() - began}
-            state.update(stage=name, step=step + 1, opt=opt.state_dict(), sched=sched.state_dict(), timings=timings)
+            state.update(
+                stage=name, step=step + 1, opt=opt.state_dict(), sched=sched.state_dict(), timings=timings
+            )
             state.update({key: module.state_dict() for key, module in modules.items()})
             save_checkpoint(ckpt, state)
     return elapsed + time.perf_counter() - began
@@ -258,7 +274,9 @@ def train(model, processor, args, ckpt: Path) -> dict:
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     heads = PatchHeads(tower.config.hidden_size, grid)
     timings = dict(state.get("timings", {}))
-    done_vision = state.get("stage") == "lm" or (state.get("stage") == "vision" and state["step"] >= args.vision_steps)
+    done_vision = state.get("stage") == "lm" or (
+        state.get("stage") == "vision" and state["step"] >= args.vision_steps
+    )
     if done_vision and state.get("stage") == "vision":
         model.load_state_dict(state["model"])
 
@@ -273,7 +291,16 @@ def train(model, processor, args, ckpt: Path) -> dict:
         params = list(tower.parameters()) + list(heads.parameters())
         modules = {"model": model, "heads": heads}
         timings["vision_s"] = train_stage(
-            "vision", model, params, modules, vision_step, args.vision_steps, args.vision_lr, args, ckpt, state
+            "vision",
+            model,
+            params,
+            modules,
+            vision_step,
+            args.vision_steps,
+            args.vision_lr,
+            args,
+            ckpt,
+            state,
         )
     state["timings"] = timings
 
@@ -294,7 +321,9 @@ def train(model, processor, args, ckpt: Path) -> dict:
         return loss, metrics
 
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-    timings["lm_s"] = train_stage("lm", model, params, {"model": model}, lm_step, args.lm_steps, args.lm_lr, args, ckpt, state)
+    timings["lm_s"] = train_stage(
+        "lm", model, params, {"model": model}, lm_step, args.lm_steps, args.lm_lr, args, ckpt, state
+    )
     tower.requires_grad_(True)
     model.eval()
     return timings
@@ -305,7 +334,9 @@ def evaluate(model, processor, items, mode: str = "scene", batch_size: int = 50)
     batches = item_batches(items, batch_size)
     if mode != "scene":  # same questions, image replaced by the background photo or uniform gray
         images = [shapes.render(it.scene, mode) for it in items]
-        batches = [(images[i : i + batch_size], qs) for i, (_, qs) in zip(range(0, len(items), batch_size), batches)]
+        batches = [
+            (images[i : i + batch_size], qs) for i, (_, qs) in zip(range(0, len(items), batch_size), batches)
+        ]
     texts = answer(model, processor, batches).texts
     return accuracy_summary(items, score(items, texts))
 
@@ -326,7 +357,7 @@ def table(metrics: dict[str, dict], key: str, order) -> str:
     names = list(metrics)
     head = "| " + " | ".join([key, *names, "n"]) + " |\n|" + "---|" * (len(names) + 2) + "\n"
     first = metrics[names[0]]
-    rows = [f"| all | " + " | ".join(f"{metrics[m]['accuracy']:.1%}" for m in names) + f" | {first['n']} |"]
+    rows = ["| all | " + " | ".join(f"{metrics[m]['accuracy']:.1%}" for m in names) + f" | {first['n']} |"]
     for group in order:
         if group in first.get(key, {}):
             cells = [f"{metrics[m][key].get(group, {}).get('accuracy', float('nan')):.1%}" for m in names]
@@ -358,6 +389,7 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
         )
     else:
         results = "Not evaluated (run without `--no-eval`).\n"
+    vision_min, lm_min = timings.get("vision_s", 0) / 60, timings.get("lm_s", 0) / 60
     card = f"""# vistrim test-bed 2: small shapes on photos at LLaVA-1.5 geometry
 
 A small **stock `LlavaForConditionalGeneration`** with LLaVA-1.5's visual-token geometry (**{n_visual}
@@ -403,9 +435,9 @@ separate random stream.
 
 ## Training recipe (`scripts/train_testbed2.py`)
 
-1. Vision tower alone ({args.vision_steps} steps, batch {args.vision_batch}, AdamW lr {args.vision_lr}, cosine,
-   {args.warmup} warm-up steps): dense heads on the layer -2 patch tokens: colour of the shape covering
-   the patch or background (shape patches weighted 4x), kind of shape on shape patches, and the
+1. Vision tower alone ({args.vision_steps} steps, batch {args.vision_batch}, AdamW lr {args.vision_lr},
+   cosine, {args.warmup} warm-up steps): dense heads on the layer -2 patch tokens: colour of the shape
+   covering the patch or background (shape patches weighted 4x), kind of shape on shape patches, and the
    patch's column and row (weight 0.25). Heads discarded afterwards.
 2. Projector + language model ({args.lm_steps} steps of {args.lm_images} fresh scenes with up to
    {args.per_type} questions of every type each, AdamW lr {args.lm_lr}, cosine; tower frozen):
@@ -414,8 +446,8 @@ separate random stream.
    once; 4-D mask and explicit positions make it the same computation as separate sequences).
 
 - Seed: {args.seed}; command: `{timings.get("command", "")}`
-- Training wall time: {timings.get("vision_s", 0) / 60:.1f} min (stage 1) + {timings.get("lm_s", 0) / 60:.1f} min
-  (stage 2) = {(timings.get("vision_s", 0) + timings.get("lm_s", 0)) / 60:.1f} min
+- Training wall time: {vision_min:.1f} min (stage 1) + {lm_min:.1f} min (stage 2)
+  = {vision_min + lm_min:.1f} min
 - Hardware: {cpu_name()}, {torch.get_num_threads()} torch thread (CPU only, cores shared with other work),
   torch {torch.__version__}
 
@@ -443,6 +475,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if present")
+    p.add_argument("--stop-after", type=int, help="stop after N steps of this run (then --resume)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the 2 cores are shared)")
     p.add_argument("--eval-scenes", type=int, default=300, help="test scenes for the model card")
     p.add_argument("--no-eval", action="store_true")
@@ -457,7 +490,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.out / "checkpoint.pt"
     log(f"model: {count(model):,} parameters; checkpoint {ckpt}")
-    timings = train(model, processor, args, ckpt)
+    args.steps_run = 0
+    try:
+        timings = train(model, processor, args, ckpt)
+    except StopTraining:
+        log(f"stopped after {args.steps_run} steps; continue with --resume")
+        return {"stopped": True}
     timings["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     log(f"training took {timings['vision_s']:.0f}s + {timings['lm_s']:.0f}s")
     model.save_pretrained(args.out)
@@ -470,7 +508,14 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["unpruned"] = metrics.pop("scene")
         metrics["prior"] = shapes.answer_prior(items)
         (args.out / "metrics.json").write_text(json.dumps({"metrics": metrics, "timings": timings}, indent=1))
-        log(json.dumps({k: (m["accuracy"], {t: v["accuracy"] for t, v in m["by_type"].items()}) for k, m in metrics.items()}))
+        log(
+            json.dumps(
+                {
+                    k: (m["accuracy"], {t: v["accuracy"] for t, v in m["by_type"].items()})
+                    for k, m in metrics.items()
+                }
+            )
+        )
     write_card(args.out, model, args, timings, metrics)
     return {"timings": timings, "metrics": metrics}
 

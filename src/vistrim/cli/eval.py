@@ -1,5 +1,6 @@
-"""``vistrim eval``: accuracy per method x budget on easy-vqa (labelled), or with ``--fidelity``
-agreement with the unpruned model on any images and prompts (no labels)."""
+"""``vistrim eval``: accuracy per method x budget on labelled questions (easy-vqa, or the shapes-on-photos
+test split for ``testbed2``), or with ``--fidelity`` agreement with the unpruned model on any images
+and prompts (no labels)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def add_eval_parser(commands) -> None:
         help="text on a line after each easy-vqa question (default: none for testbed/tiny, "
         "LLaVA-1.5's 'Answer the question using a single word or phrase.' otherwise)",
     )
+    ev.add_argument(
+        "--data",
+        choices=("easy-vqa", "shapes"),
+        help="labelled questions: easy-vqa test, or shapes on photos (test split of test-bed 2); "
+        "default: shapes for testbed2, easy-vqa otherwise",
+    )
+    ev.add_argument(
+        "--ablate",
+        choices=("none", "blank", "background"),
+        default="none",
+        help="replace every image: uniform gray (blank) or, for shapes, the photo without its shapes",
+    )
     ev.add_argument("--out", help="output folder (default results/eval-<model>-<timestamp>)")
     ev.add_argument("--fidelity", action="store_true", help="compare with the unpruned model, no labels")
     ev.add_argument("--images", nargs="+", help="--fidelity: image files and/or folders")
@@ -51,6 +64,12 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise VistrimError("--fidelity needs --images FILE_OR_FOLDER ...")
     if not args.fidelity and (args.images or args.prompts or args.prompt):
         raise VistrimError("--images/--prompts/--prompt belong to --fidelity mode")
+    if args.fidelity and (args.data is not None or args.ablate != "none"):
+        raise VistrimError("--data/--ablate belong to labelled mode, not --fidelity")
+    if args.data is None:
+        args.data = "shapes" if args.model == "testbed2" else "easy-vqa"
+    if args.ablate == "background" and args.data != "shapes":
+        raise VistrimError("--ablate background needs --data shapes (easy-vqa images have no photo)")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
     args.out = Path(args.out or f"results/eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
@@ -141,14 +160,44 @@ def meta(config) -> dict:
     return config_meta(config)
 
 
-def evaluate_accuracy(model, processor, specs, budgets, args) -> dict:
+SHAPES_SCENES = 300  # test scenes of test-bed 2's split (~2,250 questions) the subset is drawn from
+
+
+def labelled_items(args) -> tuple[list, str]:
+    """The fixed seeded subset of labelled test questions, and a description for the settings."""
     from ..data.easyvqa import fixed_subset, load_split
+
+    if args.data == "shapes":
+        from ..data.shapes import eval_items
+
+        items, data = eval_items(SHAPES_SCENES, seed=0), f"shapes test split ({SHAPES_SCENES} scenes, seed 0)"
+    else:
+        items, data = load_split("test"), "easy-vqa test"
+    return fixed_subset(items, args.limit or 500, seed=0), f"{data}, fixed_subset(seed=0)"
+
+
+def image_source(ablate: str):
+    """Item -> image: the item's own, a uniform gray one of the same size, or its bare photo."""
+    from PIL import Image
+
+    from ..data.easyvqa import BLANK_COLOR
+    from ..data.shapes import render
+    from ..evaluate.harness import item_image
+
+    if ablate == "blank":
+        return lambda item: Image.new("RGB", item_image(item).size, BLANK_COLOR)
+    if ablate == "background":
+        return lambda item: render(item.scene, "background")
+    return item_image
+
+
+def evaluate_accuracy(model, processor, specs, budgets, args) -> dict:
     from ..evaluate.harness import config_summary, default_instruction, item_batches
 
-    items = fixed_subset(load_split("test"), args.limit or 500, seed=0)
+    items, data = labelled_items(args)
     if args.instruction is None:
         args.instruction = default_instruction(args.model)
-    batches = item_batches(items, args.batch_size, args.instruction)
+    batches = item_batches(items, args.batch_size, args.instruction, image_source(args.ablate))
     configs = grid(model, processor, batches[0], specs, budgets, args)
     answers = run_grid(model, processor, batches, configs, args.max_new_tokens, len(items))
     reference = config_summary(items, answers[0].texts, answers[0].reached, 0.0)
@@ -156,7 +205,9 @@ def evaluate_accuracy(model, processor, specs, budgets, args) -> dict:
     for config, result in zip([None, *configs], answers):
         summary = config_summary(items, result.texts, result.reached, reference["accuracy"])
         rows.append({**meta(config), **summary, "batch_stats": result.batches})
-    settings = eval_settings(model, args, configs, len(items), "easy-vqa test, fixed_subset(seed=0)")
+    if args.ablate != "none":
+        data += f", images replaced ({args.ablate})"
+    settings = eval_settings(model, args, configs, len(items), data)
     return {"mode": "accuracy", "settings": settings, "rows": rows}
 
 
@@ -200,7 +251,7 @@ def eval_settings(model, args, configs, n_items: int, data: str) -> dict:
 def write_outputs(console, document: dict, args) -> None:
     from rich.console import Console
 
-    from ..evaluate.report import accuracy_table, fidelity_table, plot_vs_budget
+    from ..evaluate.report import accuracy_table, fidelity_table, plot_by_size, plot_vs_budget, size_table
 
     wide = Console(width=max(120, console.width))
 
@@ -212,6 +263,10 @@ def write_outputs(console, document: dict, args) -> None:
         wide.print(accuracy_table(rows, title))
         plot_vs_budget(rows, "accuracy", "accuracy", args.out / "accuracy_vs_budget.png", title)
         names = "eval.json, accuracy_vs_budget.png"
+        if any("by_size" in r for r in rows):
+            wide.print(size_table(rows, f"accuracy by object size (patches) | {title}"))
+            plot_by_size(rows, args.out / "accuracy_by_size.png", title)
+            names += ", accuracy_by_size.png"
     else:
         wide.print(fidelity_table(rows, title))
         ylabel = "answers identical to unpruned"

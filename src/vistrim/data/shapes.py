@@ -273,10 +273,13 @@ def _pick(rng: np.random.Generator, options: list, n: int) -> list:
 def _absent_pair(rng, shapes, sizes) -> tuple[str, str, float | None]:
     """A (colour, kind) not in the scene: a present colour on a present other kind when possible."""
     present = {(s.color, s.kind) for s in shapes}
-    near = [(s.color, k, sizes[i]) for i, s in enumerate(shapes) for k in {t.kind for t in shapes} if k != s.kind]
+    kinds = sorted({t.kind for t in shapes})  # sorted: set order of strings changes between processes
+    near = [(s.color, k, sizes[i]) for i, s in enumerate(shapes) for k in kinds if k != s.kind]
     if near:
         return near[int(rng.integers(len(near)))]
-    options = [(s.color, k, sizes[i]) for i, s in enumerate(shapes) for k in KINDS if (s.color, k) not in present]
+    options = [
+        (s.color, k, sizes[i]) for i, s in enumerate(shapes) for k in KINDS if (s.color, k) not in present
+    ]
     return options[int(rng.integers(len(options)))]
 
 
@@ -293,7 +296,9 @@ def _single_neighbours(shapes: tuple[Shape, ...], i: int) -> list[tuple[str, int
 
 
 # ------------------------------------------------------------------------------------------ splits
-def make_scenes(split: str, n: int, seed: int = 0, start: int = 0, photo_dir: str | None = None) -> list[Scene]:
+def make_scenes(
+    split: str, n: int, seed: int = 0, start: int = 0, photo_dir: str | None = None
+) -> list[Scene]:
     photos = TEST_PHOTOS if split == "test" else TRAIN_PHOTOS
     if photo_dir:
         photos = tuple(sorted(p.stem for p in Path(photo_dir).glob("*.jpg")))
@@ -342,9 +347,7 @@ def answer_prior(items: list[SceneItem]) -> dict:
     for qtype in QTYPES:
         answers = [it.answer for it in items if it.qtype == qtype]
         if answers:
-            top = max(set(answers), key=answers.count)
+            top = max(sorted(set(answers)), key=answers.count)
             by_type[qtype] = {"accuracy": answers.count(top) / len(answers), "n": len(answers), "answer": top}
     correct = sum(m["accuracy"] * m["n"] for m in by_type.values())
     return {"accuracy": correct / max(1, len(items)), "n": len(items), "by_type": by_type}
-
-

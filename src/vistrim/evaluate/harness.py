@@ -98,7 +98,7 @@ def answer(
 
 # LLaVA-1.5's instruction for short-answer VQA; the test-bed was trained on bare questions.
 SHORT_ANSWER = "Answer the question using a single word or phrase."
-BARE_QUESTION_MODELS = ("testbed", "tiny")
+BARE_QUESTION_MODELS = ("testbed", "testbed2", "tiny")
 
 
 def default_instruction(model_spec: str) -> str:
@@ -106,13 +106,14 @@ def default_instruction(model_spec: str) -> str:
 
 
 def item_batches(
-    items: Sequence[VQAItem], batch_size: int, instruction: str = ""
+    items: Sequence[VQAItem], batch_size: int, instruction: str = "", image: Callable | None = None
 ) -> list[tuple[list, list[str]]]:
     """(images, questions) per batch of labelled items, in order; ``instruction`` goes on a line
-    after each question."""
+    after each question; ``image`` maps an item to its image (default :func:`item_image`)."""
+    image = image or item_image
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     suffix = f"\n{instruction}" if instruction else ""
-    return [([item_image(it) for it in c], [it.question + suffix for it in c]) for c in chunks]
+    return [([image(it) for it in c], [it.question + suffix for it in c]) for c in chunks]
 
 
 def item_image(item):
@@ -146,7 +147,9 @@ def group_accuracy(items, correct, key, order) -> dict:
     groups: dict = {}
     for it, c in zip(items, correct):
         groups.setdefault(key(it), []).append(c)
-    return {g: {"accuracy": sum(groups[g]) / len(groups[g]), "n": len(groups[g])} for g in order if g in groups}
+    return {
+        g: {"accuracy": sum(groups[g]) / len(groups[g]), "n": len(groups[g])} for g in order if g in groups
+    }
 
 
 def relative(value: float, reference: float) -> float | None:
