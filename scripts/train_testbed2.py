@@ -6,8 +6,8 @@ a. the CLIP vision tower alone, with dense per-patch heads on the layer LLaVA re
    colour covers the patch (or background), which kind of shape (on shape patches), and the patch's
    column and row (so that left/right survives the projector without the language model decoding
    positions from RoPE);
-b. projector + language model (tower frozen), cross-entropy on the answer word and ``</s>`` of
-   every question. All questions about an image ride in one packed sequence: the image prefix
+b. projector + language model (tower at a lower learning rate), cross-entropy on the answer word
+   and ``</s>`` of every question. All questions about an image ride in one packed sequence: the image prefix
    once, then each question with positions continuing after the prefix and a 4-D mask that lets it
    see the prefix and itself only: the same computation as one sequence per question, ~8x cheaper.
 
@@ -230,9 +230,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)  # atomic: an interrupted save never leaves a broken checkpoint
 
 
-def train_stage(name, model, params, modules, step_fn, total, lr, args, ckpt, state):
-    """A generic resumable AdamW + cosine loop; ``step_fn(step)`` returns (loss, metrics dict)."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+def train_stage(name, model, groups, modules, step_fn, total, args, ckpt, state):
+    """A generic resumable AdamW + cosine loop over parameter ``groups`` (each with its lr);
+    ``step_fn(step)`` returns (loss, metrics dict)."""
+    opt = torch.optim.AdamW(groups, weight_decay=0.05)
+    params = [p for group in groups for p in group["params"]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, args.warmup))
     start = 0
     if state.get("stage") == name:
@@ -288,25 +290,16 @@ def train(model, processor, args, ckpt: Path) -> dict:
             out = heads.loss(tower, pixels, colour, kind)
             return out.pop("loss"), {k: v.item() for k, v in out.items()}
 
-        params = list(tower.parameters()) + list(heads.parameters())
+        groups = [{"params": list(tower.parameters()) + list(heads.parameters()), "lr": args.vision_lr}]
         modules = {"model": model, "heads": heads}
         timings["vision_s"] = train_stage(
-            "vision",
-            model,
-            params,
-            modules,
-            vision_step,
-            args.vision_steps,
-            args.vision_lr,
-            args,
-            ckpt,
-            state,
+            "vision", model, groups, modules, vision_step, args.vision_steps, args, ckpt, state
         )
     state["timings"] = timings
 
-    tower.requires_grad_(False)
     model.train()
-    tower.eval()
+    tower.train(args.tower_lr_scale > 0)
+    tower.requires_grad_(args.tower_lr_scale > 0)
     packer = Packer(processor)
 
     def lm_step(step):
@@ -320,10 +313,12 @@ def train(model, processor, args, ckpt: Path) -> dict:
                 metrics[qtype] = float(np.mean(marks))
         return loss, metrics
 
-    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-    timings["lm_s"] = train_stage(
-        "lm", model, params, {"model": model}, lm_step, args.lm_steps, args.lm_lr, args, ckpt, state
-    )
+    rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    groups = [{"params": rest, "lr": args.lm_lr}]
+    if args.tower_lr_scale > 0:  # the answers' gradient also refines the tower, at a lower rate
+        groups.append({"params": list(tower.parameters()), "lr": args.lm_lr * args.tower_lr_scale})
+    modules = {"model": model}
+    timings["lm_s"] = train_stage("lm", model, groups, modules, lm_step, args.lm_steps, args, ckpt, state)
     tower.requires_grad_(True)
     model.eval()
     return timings
@@ -440,7 +435,8 @@ separate random stream.
    covering the patch or background (shape patches weighted 4x), kind of shape on shape patches, and the
    patch's column and row (weight 0.25). Heads discarded afterwards.
 2. Projector + language model ({args.lm_steps} steps of {args.lm_images} fresh scenes with up to
-   {args.per_type} questions of every type each, AdamW lr {args.lm_lr}, cosine; tower frozen):
+   {args.per_type} questions of every type each, AdamW lr {args.lm_lr}, cosine; vision tower at
+   {args.tower_lr_scale} x that lr, 0 = frozen):
    cross-entropy on the answer word and `</s>`, question types weighted {TYPE_WEIGHT} (colour and
    relation questions are rarer). All questions of a scene share one packed sequence (image prefix
    once; 4-D mask and explicit positions make it the same computation as separate sequences).
@@ -471,6 +467,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-images", type=int, default=8, help="scenes per step (with all their questions)")
     p.add_argument("--lm-lr", type=float, default=8e-4)
     p.add_argument("--per-type", type=int, default=2, help="questions of each type per scene")
+    p.add_argument("--tower-lr-scale", type=float, default=0.2, help="stage b tower lr / lm lr (0: frozen)")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--checkpoint-every", type=int, default=50)
