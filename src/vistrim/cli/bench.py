@@ -31,7 +31,11 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--new-tokens", type=int, help="tokens generated per timed run (default 64)")
     bench.add_argument("--repeats", type=int, help="timed repeats, median reported (default 5)")
     bench.add_argument("--batch", type=int, default=1, help="prompts per timed generate (default 1)")
-    bench.add_argument("--samples", type=int, help="easy-vqa test items answered for accuracy/fidelity")
+    bench.add_argument(
+        "--samples",
+        type=int,
+        help="labelled test items answered for accuracy/fidelity (testbed2: its own split)",
+    )
     bench.add_argument("--quick", action="store_true", help="fewer budgets, repeats, tokens and samples")
     bench.add_argument("--out", help="output folder (default results/bench-<model>-<timestamp>)")
     add_threads_arg(bench)
@@ -49,7 +53,7 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options from the full or quick defaults and check them."""
     pick = 1 if args.quick else 0
-    labelled = args.model == "testbed"
+    labelled = args.model in ("testbed", "testbed2")  # the shipped models that answer right
     # st3's and mustdrop's own defaults get a row in a full run unless budgets were chosen explicitly
     args.own_defaults = args.budgets is None and not args.quick
     for key in ("budgets", "repeats", "new_tokens"):
@@ -114,13 +118,13 @@ def measure(model, processor, specs, budgets, args):
 
 
 def plan(model, processor, specs, budgets, args):
-    """Items (a fixed easy-vqa test subset), the timing inputs and the configuration grid."""
+    """Items (a fixed labelled test subset), the timing inputs and the configuration grid."""
     from ..bench.runner import BenchOptions, workload
     from ..bench.specs import build_configs
-    from ..data.easyvqa import fixed_subset, load_split
+    from ..evaluate.harness import default_data, labelled_test_items
     from ..runtime.adapters import adapter_for
 
-    items = fixed_subset(load_split("test"), max(args.samples, args.batch), seed=0)
+    items, _ = labelled_test_items(default_data(args.model), max(args.samples, args.batch))
     inputs, info = workload(model, processor, items, args.batch)
     num_layers = adapter_for(model).geometry.num_layers
     configs = build_configs(specs, budgets, info["visual_tokens"][0], num_layers, args.own_defaults)
@@ -138,10 +142,12 @@ def plan(model, processor, specs, budgets, args):
 
 def run_settings(model, args, budgets, configs, items, options) -> dict:
     from ..bench.runner import environment
+    from ..evaluate.harness import default_data
 
     return {
         "model": args.model,
         **environment(model, args.device, args.dtype),
+        "data": f"{default_data(args.model)} test, fixed_subset(seed=0)",
         "budgets": budgets,
         "methods": [f"{c.label} @ {c.budget_label}" for c in configs],
         "samples": len(items),

@@ -67,7 +67,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.fidelity and (args.data is not None or args.ablate != "none"):
         raise VistrimError("--data/--ablate belong to labelled mode, not --fidelity")
     if args.data is None:
-        args.data = "shapes" if args.model == "testbed2" else "easy-vqa"
+        from ..evaluate.harness import default_data
+
+        args.data = default_data(args.model)
     if args.ablate == "background" and args.data != "shapes":
         raise VistrimError("--ablate background needs --data shapes (easy-vqa images have no photo)")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
@@ -160,22 +162,6 @@ def meta(config) -> dict:
     return config_meta(config)
 
 
-SHAPES_SCENES = 300  # test scenes of test-bed 2's split (~2,250 questions) the subset is drawn from
-
-
-def labelled_items(args) -> tuple[list, str]:
-    """The fixed seeded subset of labelled test questions, and a description for the settings."""
-    from ..data.easyvqa import fixed_subset, load_split
-
-    if args.data == "shapes":
-        from ..data.shapes import eval_items
-
-        items, data = eval_items(SHAPES_SCENES, seed=0), f"shapes test split ({SHAPES_SCENES} scenes, seed 0)"
-    else:
-        items, data = load_split("test"), "easy-vqa test"
-    return fixed_subset(items, args.limit or 500, seed=0), f"{data}, fixed_subset(seed=0)"
-
-
 def image_source(ablate: str):
     """Item -> image: the item's own, a uniform gray one of the same size, or its bare photo."""
     from PIL import Image
@@ -192,9 +178,9 @@ def image_source(ablate: str):
 
 
 def evaluate_accuracy(model, processor, specs, budgets, args) -> dict:
-    from ..evaluate.harness import config_summary, default_instruction, item_batches
+    from ..evaluate.harness import config_summary, default_instruction, item_batches, labelled_test_items
 
-    items, data = labelled_items(args)
+    items, data = labelled_test_items(args.data, args.limit or 500)
     if args.instruction is None:
         args.instruction = default_instruction(args.model)
     batches = item_batches(items, args.batch_size, args.instruction, image_source(args.ablate))
