@@ -200,23 +200,76 @@ def lm_batch(processor, packer: Packer, step: int, args):
         for i, s in enumerate(scenes)
     ]
     pixels = pixels_of(processor, [shapes.render(s) for s in scenes])
-    return pixels, packer.pack(per_image), per_image
+    # Where each question's evidence is: the share of every patch its objects cover, normalised.
+    evidence = []
+    for b, (scene, items) in enumerate(zip(scenes, per_image)):
+        cover = torch.from_numpy(shapes.patch_coverage(scene)).flatten(1).float()
+        for q, item in enumerate(items):
+            where = cover[list(item.objects)].sum(0) if item.objects else torch.zeros(cover.shape[1])
+            if where.sum() > 0:
+                evidence.append((b, q, where / where.sum()))
+    return pixels, packer.pack(per_image), per_image, evidence
 
 
-def lm_loss(model, pixels, packed):
+def evidence_attention_loss(model, hidden_states, packed, evidence, image_id: int, args) -> torch.Tensor:
+    """Cross-entropy between where the answer position of each question looks among the visual
+    tokens (heads ``0..attn_heads-1`` of layer ``attn_layer``, rebuilt from q and k) and where the
+    question's evidence is.
+
+    From scratch, attention over 576 visual tokens starts uniform and the answer gradient that
+    should sharpen it is tiny (a few patches hold the evidence): stage b sat at the answer prior
+    for 250 steps without this. Training only; the model stays a stock LLaVA.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    input_ids, _, position_ids, target, _, question = packed
+    lm = model.model.language_model
+    text = model.config.text_config
+    layer = text.num_hidden_layers // 4 if args.attn_layer is None else args.attn_layer
+    block = lm.layers[layer]
+    attn = block.self_attn
+    hidden = block.input_layernorm(hidden_states[layer])
+    batch, length, _ = hidden.shape
+    n_heads, n_kv, head_dim = text.num_attention_heads, text.num_key_value_heads, attn.head_dim
+    q = attn.q_proj(hidden).view(batch, length, n_heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(hidden).view(batch, length, n_kv, head_dim).transpose(1, 2)
+    cos, sin = lm.rotary_emb(hidden, position_ids)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    visual = (input_ids[0] == image_id).nonzero()[:, 0]
+    heads = torch.arange(args.attn_heads)
+    rows = torch.tensor([b for b, _, _ in evidence])
+    # the answer position: the first of the question's two target positions (":" before the answer)
+    where = torch.stack([(question[b] == qi).nonzero()[0, 0] for b, qi, _ in evidence])
+    queries = q[rows][:, heads].gather(2, where[:, None, None, None].expand(-1, len(heads), 1, head_dim))
+    keys = k[rows][:, heads // (n_heads // n_kv)][:, :, visual]  # (N, heads, n_visual, head_dim)
+    logits = (queries * keys).sum(-1) * attn.scaling  # (N, heads, n_visual)
+    goal = torch.stack([t for _, _, t in evidence])[:, None]
+    return -(goal * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def lm_loss(model, pixels, packed, evidence=None, image_id=None, args=None):
     input_ids, mask, position_ids, target, weight, question = packed
-    logits = model(
-        input_ids=input_ids, pixel_values=pixels, attention_mask=mask, position_ids=position_ids
-    ).logits
+    supervise = bool(evidence) and args is not None and args.attn_weight > 0
+    out = model(
+        input_ids=input_ids,
+        pixel_values=pixels,
+        attention_mask=mask,
+        position_ids=position_ids,
+        output_hidden_states=supervise,
+    )
+    logits = out.logits
     token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
     loss = (token_loss * weight).sum() / weight.sum()
+    attn_loss = torch.zeros(())
+    if supervise:
+        attn_loss = evidence_attention_loss(model, out.hidden_states, packed, evidence, image_id, args)
     with torch.no_grad():  # a question is right when both of its target tokens are
         hit = logits.argmax(-1) == target
         correct = []
         for b in range(len(input_ids)):
             for q in range(int(question[b].max()) + 1):
                 correct.append(bool(hit[b][question[b] == q].all()))
-    return loss, correct
+    return loss, attn_loss, correct
 
 
 # ----------------------------------------------------------------------------------------- loop
@@ -303,10 +356,11 @@ def train(model, processor, args, ckpt: Path) -> dict:
     packer = Packer(processor)
 
     def lm_step(step):
-        pixels, packed, per_image = lm_batch(processor, packer, step, args)
-        loss, correct = lm_loss(model, pixels, packed)
+        pixels, packed, per_image, evidence = lm_batch(processor, packer, step, args)
+        loss, attn_loss, correct = lm_loss(model, pixels, packed, evidence, packer.image_id, args)
         qtypes = [it.qtype for items in per_image for it in items]
-        metrics = {"acc": float(np.mean(correct))}
+        metrics = {"answer_loss": loss.item(), "attn_loss": attn_loss.item(), "acc": float(np.mean(correct))}
+        loss = loss + args.attn_weight * attn_loss
         for qtype in shapes.QTYPES:
             marks = [c for c, t in zip(correct, qtypes) if t == qtype]
             if marks:
@@ -467,6 +521,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-images", type=int, default=8, help="scenes per step (with all their questions)")
     p.add_argument("--lm-lr", type=float, default=8e-4)
     p.add_argument("--per-type", type=int, default=2, help="questions of each type per scene")
+    p.add_argument("--attn-weight", type=float, default=1.0, help="evidence-attention loss weight (0: off)")
+    p.add_argument("--attn-layer", type=int, help="layer whose attention is supervised (default: L/4)")
+    p.add_argument("--attn-heads", type=int, default=2, help="query heads supervised (the first N)")
     p.add_argument("--tower-lr-scale", type=float, default=0.2, help="stage b tower lr / lm lr (0: frozen)")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--log-every", type=int, default=25)

@@ -83,6 +83,7 @@ class SceneItem:
     qtype: str
     scene: Scene
     size: float | None  # patches covered by the object the answer depends on
+    objects: tuple[int, ...] = ()  # indices into scene.shapes of the objects holding the evidence
 
     def load_image(self) -> Image.Image:
         return render(self.scene)
@@ -236,30 +237,33 @@ def scene_questions(scene: Scene, rng: np.random.Generator, per_type: int = 2) -
     kind_count = {k: sum(s.kind == k for s in shapes) for k in KINDS}
     items: list[SceneItem] = []
 
-    def add(question: str, answer: str, qtype: str, size: float | None) -> None:
-        items.append(SceneItem(question, answer, qtype, scene, size))
+    def add(question: str, answer: str, qtype: str, size: float | None, objects=()) -> None:
+        items.append(SceneItem(question, answer, qtype, scene, size, tuple(objects)))
 
     unique = [i for i, s in enumerate(shapes) if kind_count[s.kind] == 1]
     for i in _pick(rng, unique, per_type):
-        add(f"what color is the {shapes[i].kind}?", shapes[i].color, "color", sizes[i])
+        add(f"what color is the {shapes[i].kind}?", shapes[i].color, "color", sizes[i], [i])
     for i in _pick(rng, list(range(len(shapes))), per_type):
-        add(f"what shape is the {shapes[i].color} object?", shapes[i].kind, "shape", sizes[i])
+        add(f"what shape is the {shapes[i].color} object?", shapes[i].kind, "shape", sizes[i], [i])
     for k in range(per_type):
         if k % 2 == 0:
             i = int(rng.integers(len(shapes)))
-            add(f"is there a {shapes[i].color} {shapes[i].kind}?", "yes", "presence", sizes[i])
+            add(f"is there a {shapes[i].color} {shapes[i].kind}?", "yes", "presence", sizes[i], [i])
         else:
             color, kind, size = _absent_pair(rng, shapes, sizes)
-            add(f"is there a {color} {kind}?", "no", "presence", size)
+            named = [j for j, s in enumerate(shapes) if s.color == color]
+            add(f"is there a {color} {kind}?", "no", "presence", size, named)
     counts = sorted(set(kind_count.values()))
     for _ in range(per_type):  # a count drawn uniformly first, then a kind with it: answers spread out
         target = counts[int(rng.integers(len(counts)))]
         kind = _pick(rng, [k for k in KINDS if kind_count[k] == target], 1)[0]
-        counted = [sizes[i] for i, s in enumerate(shapes) if s.kind == kind]
-        add(f"how many {kind}s are there?", str(target), "count", min(counted) if counted else None)
+        counted = [i for i, s in enumerate(shapes) if s.kind == kind]
+        size = min(sizes[i] for i in counted) if counted else None
+        add(f"how many {kind}s are there?", str(target), "count", size, counted)
     relations = [(i, side, j) for i in unique for side, j in _single_neighbours(shapes, i)]
     for i, side, j in _pick(rng, relations, per_type):
-        add(f"what color is the shape {side} of the {shapes[i].kind}?", shapes[j].color, "relation", sizes[j])
+        question = f"what color is the shape {side} of the {shapes[i].kind}?"
+        add(question, shapes[j].color, "relation", sizes[j], [j])
     return items
 
 
