@@ -170,6 +170,36 @@ def test_shipped_testbed2_is_accurate_and_fast():
     assert elapsed < 60, f"load + 300 questions took {elapsed:.1f}s"
 
 
+def test_eval_on_shapes_reports_types_sizes_and_ablation(capsys, tmp_path):
+    """`vistrim eval --data shapes` (the plumbing, on the random tiny model): per-type and by-size
+    accuracy in the JSON, the size table and plot; --ablate records what replaced the images."""
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", "tiny", "--data", "shapes", "--methods", "random", "--budgets", "16"]
+    code, stdout, err = run_cli(capsys, *argv, "--limit", "12", "--batch-size", "6", "--out", str(out))
+    assert code == 0, err
+    document = json.loads((out / "eval.json").read_text())
+    rows = document["rows"]
+    assert document["settings"]["data"].startswith("shapes test split") and rows[0]["n"] == 12
+    assert set(rows[0]["by_type"]) <= set(shapes.QTYPES) and set(rows[0]["by_size"]) <= set(
+        shapes.size_bins()
+    )
+    assert sum(m["n"] for m in rows[0]["by_size"].values()) <= 12
+    assert (out / "accuracy_by_size.png").stat().st_size > 1000 and "object size" in stdout
+    code, _, err = run_cli(capsys, *argv, "--limit", "6", "--ablate", "background", "--out", str(out))
+    assert code == 0, err
+    assert json.loads((out / "eval.json").read_text())["settings"]["data"].endswith("(background)")
+
+
+def test_missing_testbed2_is_a_one_line_error(monkeypatch, tmp_path):
+    import vistrim.models.testbed2 as testbed2
+    from vistrim.errors import VistrimError
+    from vistrim.models import load_model
+
+    monkeypatch.setattr(testbed2, "TESTBED2_DIR", tmp_path)
+    with pytest.raises(VistrimError, match="cannot load the shipped test-bed 2 model"):
+        load_model("testbed2")
+
+
 @needs_model
 def test_testbed2_eval_cli_reports_types_sizes_and_ablation(capsys, tmp_path):
     """`vistrim eval --model testbed2`: per-type and by-size accuracy, plots; the background-only
@@ -181,7 +211,9 @@ def test_testbed2_eval_cli_reports_types_sizes_and_ablation(capsys, tmp_path):
     document = json.loads((out / "eval.json").read_text())
     rows = document["rows"]
     assert document["settings"]["data"].startswith("shapes test split")
-    assert set(rows[0]["by_type"]) == set(shapes.QTYPES) and set(rows[0]["by_size"]) <= set(shapes.size_bins())
+    assert set(rows[0]["by_type"]) == set(shapes.QTYPES) and set(rows[0]["by_size"]) <= set(
+        shapes.size_bins()
+    )
     assert rows[1]["layer_average_visual"] == pytest.approx(64, abs=1)
     assert (out / "accuracy_by_size.png").stat().st_size > 1000 and "object size" in stdout
     code, _, err = run_cli(capsys, *argv, "--methods", "none", "--ablate", "background", "--out", str(out))
