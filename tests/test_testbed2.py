@@ -232,3 +232,10 @@ def test_testbed2_eval_cli_reports_types_sizes_and_ablation(capsys, tmp_path):
 def test_eval_ablation_bad_input_is_one_line(capsys, argv, message):
     code, _, err = run_cli(capsys, "eval", *argv)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_count_answers_are_scored():
+    """Number answers are compared as numbers (a letters-only rule once matched every count guess)."""
+    item = next(i for i in shapes.eval_items(5) if i.qtype == "count")
+    wrong = str((int(item.answer) + 1) % 4)
+    assert score([item, item, item], [item.answer, wrong, ""]) == [True, False, False]
