@@ -1,8 +1,9 @@
 """Loading models by name, folder or hub id, with one-line errors.
 
 Named models: ``tiny`` (random, built from a config: for trying the tools), ``testbed`` (the
-shipped, trained easy-vqa LLaVA: the embedded default), ``testbed2`` (shipped, trained at LLaVA-1.5
-geometry on small shapes on photos: 576 visual tokens, 16 layers), ``llava-geometry`` (real SmolLM2-135M
+shipped, trained easy-vqa LLaVA: the embedded default), ``testbed2`` (LLaVA-1.5 geometry, trained on
+small shapes on photos: 576 visual tokens, 16 layers; loaded from the package assets, a one-line
+error while no trained weights are shipped there), ``llava-geometry`` (real SmolLM2-135M
 language model with a random CLIP-shaped tower at LLaVA-1.5 geometry, built once and cached).
 Anything else is a local folder or a Hugging Face hub id, loaded with ``from_pretrained``.
 """
