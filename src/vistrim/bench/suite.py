@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import VistrimError
 
 # (full run, quick run); the quick run keeps the shape of the full one at a fraction of its cost.
+LABELLED = ("testbed", "testbed2")  # the shipped models that answer their own test questions right
 DEFAULTS = {
     "budgets": ("0.33,0.22,0.11", "0.33,0.11"),
     "repeats": (5, 2),
@@ -37,12 +38,13 @@ class BenchPlan:
     max_new_tokens: int = 64  # tokens generated per timed run
     repeats: int = 5
     batch_size: int = 1  # prompts per timed generate
-    samples: int = 300  # easy-vqa test items answered for accuracy / fidelity
+    samples: int = 300  # labelled test items answered for accuracy / fidelity
+    data: str = "easy-vqa"  # where they come from: "easy-vqa" test, or "shapes" (test-bed 2's split)
     own_defaults: bool = True  # methods with their own schedule (st3, mustdrop) also get a default row
 
     @property
     def labelled(self) -> bool:
-        return self.model == "testbed"
+        return self.model in LABELLED
 
     @classmethod
     def resolve(
@@ -60,7 +62,9 @@ class BenchPlan:
     ) -> BenchPlan:
         """Unset options from the full or quick defaults, all checked (one-line errors)."""
         pick = 1 if quick else 0
-        labelled = model == "testbed"
+        from ..evaluate.harness import default_data
+
+        labelled = model in LABELLED
         plan = cls(
             model=model,
             device=device,
@@ -69,6 +73,7 @@ class BenchPlan:
             max_new_tokens=DEFAULTS["max_new_tokens"][pick] if max_new_tokens is None else max_new_tokens,
             repeats=DEFAULTS["repeats"][pick] if repeats is None else repeats,
             batch_size=batch_size,
+            data=default_data(model),
             samples=DEFAULTS["samples_labelled" if labelled else "samples_other"][pick]
             if samples is None
             else samples,
@@ -115,13 +120,13 @@ def bench(model, processor, methods, plan: BenchPlan, budgets=None) -> tuple[dic
 
 
 def prepare(model, processor, specs, budgets, plan: BenchPlan):
-    """Items (a fixed easy-vqa test subset), the timing inputs and the configuration grid."""
-    from ..data.easyvqa import fixed_subset, load_split
+    """Items (a fixed labelled test subset of ``plan.data``), the timing inputs and the grid."""
+    from ..evaluate.harness import labelled_test_items
     from ..families import family_for
     from .runner import BenchOptions, workload
     from .specs import build_configs
 
-    items = fixed_subset(load_split("test"), max(plan.samples, plan.batch_size), seed=0)
+    items, _ = labelled_test_items(plan.data, max(plan.samples, plan.batch_size))
     inputs, info = workload(model, processor, items, plan.batch_size)
     num_layers = family_for(model).geometry.num_layers
     configs = build_configs(specs, budgets, info["visual_tokens"][0], num_layers, plan.own_defaults)
@@ -138,11 +143,13 @@ def prepare(model, processor, specs, budgets, plan: BenchPlan):
 
 
 def run_settings(model, plan: BenchPlan, budgets, configs, items, options) -> dict:
+    from ..evaluate.harness import labelled_data_name
     from .runner import environment
 
     return {
         "model": plan.model,
         **environment(model, plan.device, plan.dtype),
+        "data": labelled_data_name(plan.data),
         "budgets": budgets,
         "methods": [f"{c.label} @ {c.budget_label}" for c in configs],
         "samples": len(items),
