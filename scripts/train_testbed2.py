@@ -69,9 +69,18 @@ def pixels_of(processor, images) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- stage a
-def patch_targets(scene: shapes.Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch (raster order): colour class (0 background, 1 + colour) and kind (IGNORE off shapes).
-    A patch belongs to the shape covering most of it, if that shape covers at least 30%."""
+def centre_patches(scene: shapes.Scene, grid: int) -> list[int]:
+    """Raster index of the patch holding the centre of every shape's box (one patch per object)."""
+    return [
+        int((s.box[1] + s.box[3]) / 2 // shapes.PATCH_SIZE) * grid + int(s.center_x // shapes.PATCH_SIZE)
+        for s in scene.shapes
+    ]
+
+
+def patch_targets(scene: shapes.Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per patch (raster order): colour class (0 background, 1 + colour), kind (IGNORE off shapes)
+    and whether it holds a shape's centre. A patch belongs to the shape covering most of it, if that
+    shape covers at least 30%."""
     cover = shapes.patch_coverage(scene)
     best, share = cover.argmax(0), cover.max(0)
     on = share >= 0.3
@@ -79,7 +88,9 @@ def patch_targets(scene: shapes.Scene, grid: int) -> tuple[torch.Tensor, torch.T
     kind = np.array([shapes.KINDS.index(s.kind) for s in scene.shapes])[best]
     colour, kind = np.where(on, colour, 0), np.where(on, kind, IGNORE)
     assert cover.shape[1] == grid
-    return torch.from_numpy(colour.reshape(-1)), torch.from_numpy(kind.reshape(-1))
+    centre = torch.zeros(grid * grid)
+    centre[centre_patches(scene, grid)] = 1.0
+    return torch.from_numpy(colour.reshape(-1)), torch.from_numpy(kind.reshape(-1)), centre
 
 
 class PatchHeads(nn.Module):
@@ -93,8 +104,10 @@ class PatchHeads(nn.Module):
         self.kind = nn.Linear(hidden, len(shapes.KINDS))
         self.column = nn.Linear(hidden, grid)
         self.row = nn.Linear(hidden, grid)
+        # one patch per object says "an object is centred here": what counting needs
+        self.centre = nn.Linear(hidden, 1)
 
-    def loss(self, tower, pixels, colour, kind) -> dict:
+    def loss(self, tower, pixels, colour, kind, centre) -> dict:
         feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         feats = self.norm(feats)
         n = feats.shape[1]
@@ -108,13 +121,26 @@ class PatchHeads(nn.Module):
         kind_loss = F.cross_entropy(kind_logits.transpose(1, 2), kind, ignore_index=IGNORE)
         pos_loss = F.cross_entropy(self.column(feats).transpose(1, 2), column.expand(len(feats), -1))
         pos_loss = pos_loss + F.cross_entropy(self.row(feats).transpose(1, 2), row.expand(len(feats), -1))
+        centre_logits = self.centre(feats).squeeze(-1)
+        centre_loss = F.binary_cross_entropy_with_logits(centre_logits, centre, pos_weight=torch.tensor(20.0))
         with torch.no_grad():
             on = colour > 0
             colour_acc = (colour_logits.argmax(-1)[on] == colour[on]).float().mean()
             kind_acc = (kind_logits.argmax(-1)[on] == kind[on]).float().mean()
             bg_acc = (colour_logits.argmax(-1)[~on] == 0).float().mean()
-        total = colour_loss + kind_loss + 0.25 * pos_loss
-        return {"loss": total, "colour_acc": colour_acc, "kind_acc": kind_acc, "bg_acc": bg_acc}
+            # objects found: centre patches predicted (recall) and predictions that are centres
+            hit = centre_logits > 0
+            centre_recall = hit[centre > 0].float().mean()
+            centre_precision = (centre[hit] > 0).float().mean() if hit.any() else torch.zeros(())
+        total = colour_loss + kind_loss + 0.25 * pos_loss + 0.5 * centre_loss
+        return {
+            "loss": total,
+            "colour_acc": colour_acc,
+            "kind_acc": kind_acc,
+            "bg_acc": bg_acc,
+            "centre_recall": centre_recall,
+            "centre_precision": centre_precision,
+        }
 
 
 def vision_batch(processor, step: int, args, grid: int):
@@ -123,7 +149,7 @@ def vision_batch(processor, step: int, args, grid: int):
     )
     targets = [patch_targets(s, grid) for s in scenes]
     pixels = pixels_of(processor, [shapes.render(s) for s in scenes])
-    return pixels, torch.stack([t[0] for t in targets]), torch.stack([t[1] for t in targets])
+    return pixels, *(torch.stack([t[i] for t in targets]) for i in range(3))
 
 
 # ----------------------------------------------------------------------------------------- stage b
@@ -192,6 +218,18 @@ class Packer:
         return input_ids, mask, position_ids, target, weight, question
 
 
+def key_words(item: shapes.SceneItem) -> tuple[str, str]:
+    """(the question word that looks up the image, the word whose state is probed for the answer).
+
+    The look-up word names the evidence: the kind ("what color is the circle?"), the colour ("what
+    shape is the blue object?", "is there a blue triangle?"; colours are unique in a scene), the
+    counted kind, or the side ("... left of the circle": the only shape on that side is the leftmost
+    or rightmost one). Presence is probed at its last word, where colour and kind are both known."""
+    words = item.question.rstrip("?").split()
+    key = {"color": -1, "shape": -2, "presence": -2, "count": 2, "relation": -4}[item.qtype]
+    return words[key], words[-1] if item.qtype == "presence" else words[key]
+
+
 def lm_batch(processor, packer: Packer, step: int, args):
     start = LM_OFFSET + step * args.lm_images
     scenes = shapes.make_scenes("train", args.lm_images, args.seed, start, args.photo_dir)
@@ -200,76 +238,144 @@ def lm_batch(processor, packer: Packer, step: int, args):
         for i, s in enumerate(scenes)
     ]
     pixels = pixels_of(processor, [shapes.render(s) for s in scenes])
-    # Where each question's evidence is: the share of every patch its objects cover, normalised.
+    grid = shapes.IMAGE_SIZE // shapes.PATCH_SIZE
+    # Where each question's evidence is: the share of every patch its objects cover (for a count,
+    # the centre patch of every counted object), normalised; questions without evidence are skipped.
     evidence = []
     for b, (scene, items) in enumerate(zip(scenes, per_image)):
         cover = torch.from_numpy(shapes.patch_coverage(scene)).flatten(1).float()
+        centres = centre_patches(scene, grid)
         for q, item in enumerate(items):
-            where = cover[list(item.objects)].sum(0) if item.objects else torch.zeros(cover.shape[1])
+            where = torch.zeros(cover.shape[1])
+            for i in item.objects:
+                if item.qtype == "count":
+                    where[centres[i]] += 1.0
+                else:
+                    where += cover[i]
             if where.sum() > 0:
                 evidence.append((b, q, where / where.sum()))
     return pixels, packer.pack(per_image), per_image, evidence
 
 
-def evidence_attention_loss(model, hidden_states, packed, evidence, image_id: int, args) -> torch.Tensor:
-    """Cross-entropy between where the answer position of each question looks among the visual
-    tokens (heads ``0..attn_heads-1`` of layer ``attn_layer``, rebuilt from q and k) and where the
-    question's evidence is.
-
-    From scratch, attention over 576 visual tokens starts uniform and the answer gradient that
-    should sharpen it is tiny (a few patches hold the evidence): stage b sat at the answer prior
-    for 250 steps without this. Training only; the model stays a stock LLaVA.
-    """
+def rebuilt_qk(model, hidden_states, layer: int, position_ids):
+    """Queries (B, H, T, D) and keys (B, KV, T, D) of ``layer``, rebuilt from its input hidden
+    state as the layer computes them (norm, projections, rotary); and the layer's scaling."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    input_ids, _, position_ids, target, _, question = packed
     lm = model.model.language_model
     text = model.config.text_config
-    layer = text.num_hidden_layers // 4 if args.attn_layer is None else args.attn_layer
-    block = lm.layers[layer]
-    attn = block.self_attn
-    hidden = block.input_layernorm(hidden_states[layer])
+    attn = lm.layers[layer].self_attn
+    hidden = lm.layers[layer].input_layernorm(hidden_states[layer])
     batch, length, _ = hidden.shape
-    n_heads, n_kv, head_dim = text.num_attention_heads, text.num_key_value_heads, attn.head_dim
-    q = attn.q_proj(hidden).view(batch, length, n_heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(hidden).view(batch, length, n_kv, head_dim).transpose(1, 2)
+    q = attn.q_proj(hidden).view(batch, length, text.num_attention_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(hidden).view(batch, length, text.num_key_value_heads, attn.head_dim).transpose(1, 2)
     cos, sin = lm.rotary_emb(hidden, position_ids)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    visual = (input_ids[0] == image_id).nonzero()[:, 0]
-    heads = torch.arange(args.attn_heads)
-    rows = torch.tensor([b for b, _, _ in evidence])
-    # the answer position: the first of the question's two target positions (":" before the answer)
-    where = torch.stack([(question[b] == qi).nonzero()[0, 0] for b, qi, _ in evidence])
-    queries = q[rows][:, heads].gather(2, where[:, None, None, None].expand(-1, len(heads), 1, head_dim))
-    keys = k[rows][:, heads // (n_heads // n_kv)][:, :, visual]  # (N, heads, n_visual, head_dim)
-    logits = (queries * keys).sum(-1) * attn.scaling  # (N, heads, n_visual)
-    goal = torch.stack([t for _, _, t in evidence])[:, None]
-    return -(goal * logits.log_softmax(-1)).sum(-1).mean()
+    return q, k, attn.scaling
 
 
-def lm_loss(model, pixels, packed, evidence=None, image_id=None, args=None):
+class Scaffold(nn.Module):
+    """Training-only supervision of the two hops every answer takes (discarded afterwards; the
+    model stays a stock LLaVA). From scratch, with answer loss alone, stage b sat at the answer
+    prior: attention over 576 visual tokens starts uniform and the gradient that should sharpen it
+    is tiny; supervising where the *answer* position looks (attempt 1) did not help within 270 steps.
+
+    1. look (layer ``look_layer``, heads ``0..heads-1``): the question's look-up word attends to the
+       evidence patches (cross-entropy over the visual tokens, rebuilt from q and k);
+    2. probe (a linear head on the input of layer ``probe_layer`` at the probed word) predicts the
+       answer word: the looked-up attribute is there, decodable (as test-bed 1's match probe);
+    3. route (layer ``route_layer``, heads ``0..heads-1``): the answer position attends to the probed
+       word among all the tokens it sees; the answer loss then learns to read it out.
+    """
+
+    def __init__(self, model, processor, args):
+        super().__init__()
+        text = model.config.text_config
+        layers = text.num_hidden_layers
+        self.look_layer = args.look_layer
+        self.probe_layer = layers // 4 if args.probe_layer is None else args.probe_layer
+        self.route_layer = layers * 3 // 8 if args.route_layer is None else args.route_layer
+        self.heads = args.scaffold_heads
+        self.norm = nn.LayerNorm(text.hidden_size)
+        self.probe = nn.Linear(text.hidden_size, text.vocab_size)
+        self.tokenizer = processor.tokenizer
+
+    def anchors(self, packer, per_image) -> list[tuple[int, int, int, int, int, int]]:
+        """Per question: (row, question, look-up word, probed word, answer position, answer id)."""
+        found, p = [], len(packer.prefix)
+        for b, items in enumerate(per_image):
+            end = p
+            for q, item in enumerate(items):
+                suffix = packer.suffix(item)
+                begin, end = end, end + len(suffix)
+                key, probed = (self.tokenizer.convert_tokens_to_ids(w) for w in key_words(item))
+                body = suffix[:-2]  # the question without its answer and </s>
+                look = begin + len(body) - 1 - body[::-1].index(key)
+                probe = begin + len(body) - 1 - body[::-1].index(probed)
+                found.append((b, q, look, probe, end - 3, suffix[-2]))
+        return found
+
+    def losses(self, model, hidden_states, packed, anchors, evidence, image_id) -> dict:
+        input_ids, mask, position_ids, _, _, _ = packed
+        heads = torch.arange(self.heads)
+        ratio = model.config.text_config.num_attention_heads // model.config.text_config.num_key_value_heads
+        where = {(b, q): a for b, q, *a in anchors}
+        out = {}
+        # 1. look: the look-up word over the visual tokens
+        q, k, scale = rebuilt_qk(model, hidden_states, self.look_layer, position_ids)
+        visual = (input_ids[0] == image_id).nonzero()[:, 0]
+        rows = torch.tensor([b for b, _, _ in evidence])
+        at = torch.tensor([where[(b, qi)][0] for b, qi, _ in evidence])
+        queries = q[rows[:, None], heads[None], at[:, None]]  # (N, heads, D)
+        keys = k[rows][:, heads // ratio][:, :, visual]  # (N, heads, n_visual, D)
+        logits = (queries[:, :, None] * keys).sum(-1) * scale
+        goal = torch.stack([t for _, _, t in evidence])[:, None]
+        out["look"] = -(goal * logits.log_softmax(-1)).sum(-1).mean()
+        with torch.no_grad():  # attention mass on the evidence patches (heads averaged)
+            out["look_mass"] = (logits.softmax(-1) * (goal > 0)).sum(-1).mean()
+        # 2. probe: the answer word from the probed word's state
+        rows = torch.tensor([a[0] for a in anchors])
+        probed = torch.tensor([a[3] for a in anchors])
+        answer_ids = torch.tensor([a[5] for a in anchors])
+        state = self.norm(hidden_states[self.probe_layer][rows, probed])
+        probe_logits = self.probe(state)
+        out["probe"] = F.cross_entropy(probe_logits, answer_ids)
+        out["probe_acc"] = (probe_logits.argmax(-1) == answer_ids).float().mean().detach()
+        # 3. route: the answer position over everything it sees
+        q, k, scale = rebuilt_qk(model, hidden_states, self.route_layer, position_ids)
+        answer_at = torch.tensor([a[4] for a in anchors])
+        queries = q[rows[:, None], heads[None], answer_at[:, None]]  # (N, heads, D)
+        keys = k[rows][:, heads // ratio]  # (N, heads, T, D)
+        logits = (queries[:, :, None] * keys).sum(-1) * scale
+        visible = mask[rows, 0, answer_at]  # (N, T)
+        logits = logits.masked_fill(~visible[:, None], torch.finfo(logits.dtype).min)
+        goal = probed[:, None].expand(-1, len(heads))
+        out["route"] = F.cross_entropy(logits.flatten(0, 1), goal.flatten())
+        return out
+
+
+def lm_loss(model, pixels, packed, scaffold=None, anchors=None, evidence=None, image_id=None):
     input_ids, mask, position_ids, target, weight, question = packed
-    supervise = bool(evidence) and args is not None and args.attn_weight > 0
     out = model(
         input_ids=input_ids,
         pixel_values=pixels,
         attention_mask=mask,
         position_ids=position_ids,
-        output_hidden_states=supervise,
+        output_hidden_states=scaffold is not None,
     )
     logits = out.logits
     token_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
     loss = (token_loss * weight).sum() / weight.sum()
-    attn_loss = torch.zeros(())
-    if supervise:
-        attn_loss = evidence_attention_loss(model, out.hidden_states, packed, evidence, image_id, args)
+    extra = {}
+    if scaffold is not None:
+        extra = scaffold.losses(model, out.hidden_states, packed, anchors, evidence, image_id)
     with torch.no_grad():  # a question is right when both of its target tokens are
         hit = logits.argmax(-1) == target
         correct = []
         for b in range(len(input_ids)):
             for q in range(int(question[b].max()) + 1):
                 correct.append(bool(hit[b][question[b] == q].all()))
-    return loss, attn_loss, correct
+    return loss, extra, correct
 
 
 # ----------------------------------------------------------------------------------------- loop
@@ -339,8 +445,8 @@ def train(model, processor, args, ckpt: Path) -> dict:
         tower.train()
 
         def vision_step(step):
-            pixels, colour, kind = vision_batch(processor, step, args, grid)
-            out = heads.loss(tower, pixels, colour, kind)
+            pixels, colour, kind, centre = vision_batch(processor, step, args, grid)
+            out = heads.loss(tower, pixels, colour, kind, centre)
             return out.pop("loss"), {k: v.item() for k, v in out.items()}
 
         groups = [{"params": list(tower.parameters()) + list(heads.parameters()), "lr": args.vision_lr}]
@@ -354,13 +460,20 @@ def train(model, processor, args, ckpt: Path) -> dict:
     tower.train(args.tower_lr_scale > 0)
     tower.requires_grad_(args.tower_lr_scale > 0)
     packer = Packer(processor)
+    scaffold = Scaffold(model, processor, args)
+    weights = {"look": args.look_weight, "probe": args.probe_weight, "route": args.route_weight}
+    use_scaffold = any(w > 0 for w in weights.values())
 
     def lm_step(step):
         pixels, packed, per_image, evidence = lm_batch(processor, packer, step, args)
-        loss, attn_loss, correct = lm_loss(model, pixels, packed, evidence, packer.image_id, args)
+        anchors = scaffold.anchors(packer, per_image) if use_scaffold else None
+        loss, extra, correct = lm_loss(
+            model, pixels, packed, scaffold if use_scaffold else None, anchors, evidence, packer.image_id
+        )
         qtypes = [it.qtype for items in per_image for it in items]
-        metrics = {"answer_loss": loss.item(), "attn_loss": attn_loss.item(), "acc": float(np.mean(correct))}
-        loss = loss + args.attn_weight * attn_loss
+        metrics = {"answer_loss": loss.item(), **{k: v.item() for k, v in extra.items()}}
+        metrics["acc"] = float(np.mean(correct))
+        loss = loss + sum(weights[k] * v for k, v in extra.items() if k in weights)
         for qtype in shapes.QTYPES:
             marks = [c for c, t in zip(correct, qtypes) if t == qtype]
             if marks:
@@ -368,10 +481,10 @@ def train(model, processor, args, ckpt: Path) -> dict:
         return loss, metrics
 
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
-    groups = [{"params": rest, "lr": args.lm_lr}]
+    groups = [{"params": rest + list(scaffold.parameters()), "lr": args.lm_lr}]
     if args.tower_lr_scale > 0:  # the answers' gradient also refines the tower, at a lower rate
         groups.append({"params": list(tower.parameters()), "lr": args.lm_lr * args.tower_lr_scale})
-    modules = {"model": model}
+    modules = {"model": model, "scaffold": scaffold}
     timings["lm_s"] = train_stage("lm", model, groups, modules, lm_step, args.lm_steps, args, ckpt, state)
     tower.requires_grad_(True)
     model.eval()
@@ -521,9 +634,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-images", type=int, default=8, help="scenes per step (with all their questions)")
     p.add_argument("--lm-lr", type=float, default=8e-4)
     p.add_argument("--per-type", type=int, default=2, help="questions of each type per scene")
-    p.add_argument("--attn-weight", type=float, default=1.0, help="evidence-attention loss weight (0: off)")
-    p.add_argument("--attn-layer", type=int, help="layer whose attention is supervised (default: L/4)")
-    p.add_argument("--attn-heads", type=int, default=2, help="query heads supervised (the first N)")
+    p.add_argument("--look-weight", type=float, default=1.0, help="look-up attention loss weight (0: off)")
+    p.add_argument("--look-layer", type=int, default=0, help="layer whose look-up attention is supervised")
+    p.add_argument("--probe-weight", type=float, default=1.0, help="answer-probe loss weight (0: off)")
+    p.add_argument("--probe-layer", type=int, help="layer whose input is probed (default: L/4)")
+    p.add_argument("--route-weight", type=float, default=1.0, help="answer-routing loss weight (0: off)")
+    p.add_argument("--route-layer", type=int, help="layer whose routing is supervised (default: 3L/8)")
+    p.add_argument("--scaffold-heads", type=int, default=2, help="query heads supervised (the first N)")
     p.add_argument("--tower-lr-scale", type=float, default=0.2, help="stage b tower lr / lm lr (0: frozen)")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--log-every", type=int, default=25)

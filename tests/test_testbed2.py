@@ -121,6 +121,43 @@ def test_packed_questions_equal_separate_sequences():
                 assert target[b, where].tolist() == alone[0, -2:].tolist()
 
 
+def test_scaffold_rebuilds_the_attention_and_finds_the_words():
+    """Stage b's training scaffold: the attention it supervises, rebuilt from q and k, is what the
+    model computes (eager weights as reference), and its anchors are the question's words."""
+    script = _load_script()
+    model, processor = build_testbed2(0, TINY2_SIZE, attn_implementation="eager")
+    model.eval()
+    packer = script.Packer(processor)
+    scenes = shapes.make_scenes("test", 2, seed=5)
+    per_image = [shapes.scene_questions(s, shapes.split_rng("test", 9, i), 2) for i, s in enumerate(scenes)]
+    pixels = script.pixels_of(processor, [shapes.render(s) for s in scenes])
+    ids, mask, positions, *_ = packer.pack(per_image)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)  # eager's form
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            pixel_values=pixels,
+            attention_mask=additive,
+            position_ids=positions,
+            output_hidden_states=True,
+            output_attentions=True,
+        )
+        for layer in range(model.config.text_config.num_hidden_layers):
+            q, k, scale = script.rebuilt_qk(model, out.hidden_states, layer, positions)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+            weights = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+            torch.testing.assert_close(weights, out.attentions[layer], atol=1e-5, rtol=1e-5)
+    args = script.parse_args(["--out", "unused"])
+    anchors = script.Scaffold(model, processor, args).anchors(packer, per_image)
+    assert len(anchors) == sum(map(len, per_image))
+    words = processor.tokenizer.convert_ids_to_tokens
+    for b, q, look, probe, answer_at, answer_id in anchors:
+        item = per_image[b][q]
+        assert [words(int(ids[b, i])) for i in (look, probe)] == list(script.key_words(item))
+        assert words(int(ids[b, answer_at + 1])) == item.answer == words(answer_id)
+        assert words(int(ids[b, look])) in item.question.rstrip("?").split()
+
+
 def test_training_script_runs_and_resumes_exactly(tmp_path: Path):
     script = _load_script()
     common = ["--tiny", "--photo-dir", str(shapes.PHOTO_DIR), "--vision-steps", "2", "--vision-batch", "2"]

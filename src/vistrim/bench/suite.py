@@ -62,7 +62,7 @@ class BenchPlan:
     ) -> BenchPlan:
         """Unset options from the full or quick defaults, all checked (one-line errors)."""
         pick = 1 if quick else 0
-        from ..evaluate.harness import default_data
+        from ..data.labelled import default_data
 
         labelled = model in LABELLED
         plan = cls(
@@ -121,7 +121,7 @@ def bench(model, processor, methods, plan: BenchPlan, budgets=None) -> tuple[dic
 
 def prepare(model, processor, specs, budgets, plan: BenchPlan):
     """Items (a fixed labelled test subset of ``plan.data``), the timing inputs and the grid."""
-    from ..evaluate.harness import labelled_test_items
+    from ..data.labelled import labelled_test_items
     from ..families import family_for
     from .runner import BenchOptions, workload
     from .specs import build_configs
@@ -143,7 +143,7 @@ def prepare(model, processor, specs, budgets, plan: BenchPlan):
 
 
 def run_settings(model, plan: BenchPlan, budgets, configs, items, options) -> dict:
-    from ..evaluate.harness import labelled_data_name
+    from ..data.labelled import labelled_data_name
     from .runner import environment
 
     return {

@@ -111,33 +111,6 @@ def default_instruction(model_spec: str) -> str:
     return "" if model_spec in BARE_QUESTION_MODELS else SHORT_ANSWER
 
 
-SHAPES_SCENES = 300  # test scenes of test-bed 2's split (~2,250 questions) that subsets come from
-
-
-def default_data(model_spec: str) -> str:
-    """The labelled questions a model is measured on: test-bed 2's own split, easy-vqa otherwise."""
-    return "shapes" if model_spec == "testbed2" else "easy-vqa"
-
-
-def labelled_data_name(data: str) -> str:
-    """How the settings of a run name the labelled questions of ``data``."""
-    name = f"shapes test split ({SHAPES_SCENES} scenes, seed 0)" if data == "shapes" else "easy-vqa test"
-    return f"{name}, fixed_subset(seed=0)"
-
-
-def labelled_test_items(data: str, n: int) -> tuple[list, str]:
-    """A fixed seeded subset of ``n`` labelled test questions and a description for the settings."""
-    from ..data.easyvqa import fixed_subset, load_split
-
-    if data == "shapes":
-        from ..data.shapes import eval_items
-
-        items = eval_items(SHAPES_SCENES, seed=0)
-    else:
-        items = load_split("test")
-    return fixed_subset(items, n, seed=0), labelled_data_name(data)
-
-
 def item_batches(
     items: Sequence[VQAItem], batch_size: int, instruction: str = "", image: Callable | None = None
 ) -> list[tuple[list, list[str]]]:

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..data.labelled import DATA
 from ..errors import VistrimError
 
 DEFAULT_BUDGETS = "0.33,0.22,0.11"
-DATA = ("easy-vqa", "shapes")
 ABLATIONS = ("none", "blank", "background")
 
 
@@ -53,7 +53,7 @@ class EvalPlan:
 
     @property
     def data_name(self) -> str:
-        from .harness import default_data
+        from ..data.labelled import default_data
 
         return self.data or default_data(self.model)
 
@@ -147,7 +147,8 @@ def image_source(ablate: str):
 def evaluate_accuracy(model, processor, methods, plan: EvalPlan) -> dict:
     """Accuracy on a fixed labelled test subset (``plan.data``) per method x budget (``methods``: a
     ``--methods`` string, a list of ``MethodSpec``, or None for every method)."""
-    from .harness import config_summary, default_instruction, item_batches, labelled_test_items
+    from ..data.labelled import labelled_test_items
+    from .harness import config_summary, default_instruction, item_batches
 
     specs, budgets = specs_and_budgets(methods, plan.check())
     plan = replace(plan, data=plan.data_name)

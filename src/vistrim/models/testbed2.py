@@ -35,13 +35,15 @@ class Testbed2Size:
     patch_size: int = PATCH_SIZE
     vision_hidden: int = 96
     vision_intermediate: int = 384
-    vision_layers: int = 4
+    vision_layers: int = 6
     vision_heads: int = 4
     text_hidden: int = 96
     text_intermediate: int = 256
     text_layers: int = 16
     text_heads: int = 4
     text_kv_heads: int = 2
+    # slow rotary frequencies: content look-ups from a question word back over ~600 positions
+    rope_theta: float = 1e6
 
 
 # A few-second configuration for tests of the training script (same 24x24 grid); not a useful model.
@@ -83,6 +85,7 @@ def build_testbed2(
         num_attention_heads=size.text_heads,
         num_key_value_heads=size.text_kv_heads,
         max_position_embeddings=1024,
+        rope_theta=size.rope_theta,
     )
     return model, processor
 
