@@ -572,6 +572,7 @@ Load with `vistrim.models.load_model("testbed2")` or `LlavaForConditionalGenerat
   {t.num_attention_heads} query heads / {t.num_key_value_heads} key-value heads (GQA), vocabulary
   {t.vocab_size} (word-level tokenizer over the prompt, question and answer words).
 - Prompt: `USER: <image>\\n{{question}} ASSISTANT:`; the answer is one word followed by `</s>`.
+- Rotary base (rope_theta): {t.rope_parameters["rope_theta"]:g}.
 
 | part | parameters |
 |---|---|
@@ -599,14 +600,21 @@ separate random stream.
 
 1. Vision tower alone ({args.vision_steps} steps, batch {args.vision_batch}, AdamW lr {args.vision_lr},
    cosine, {args.warmup} warm-up steps): dense heads on the layer -2 patch tokens: colour of the shape
-   covering the patch or background (shape patches weighted 4x), kind of shape on shape patches, and the
-   patch's column and row (weight 0.25). Heads discarded afterwards.
+   covering the patch or background (shape patches weighted 4x), kind of shape on shape patches, the
+   patch's column and row (weight 0.25), and whether the patch holds a shape's centre (weight 0.5,
+   one patch per object, for counting). Heads discarded afterwards.
 2. Projector + language model ({args.lm_steps} steps of {args.lm_images} fresh scenes with up to
    {args.per_type} questions of every type each, AdamW lr {args.lm_lr}, cosine; vision tower at
    {args.tower_lr_scale} x that lr, 0 = frozen):
    cross-entropy on the answer word and `</s>`, question types weighted {TYPE_WEIGHT} (colour and
    relation questions are rarer). All questions of a scene share one packed sequence (image prefix
    once; 4-D mask and explicit positions make it the same computation as separate sequences).
+   A training-only scaffold (discarded) supervises the two hops of every answer: the question's
+   look-up word (the named kind, colour or side) attends to the evidence patches in heads
+   0-{args.scaffold_heads - 1} of layer {args.look_layer} (weight {args.look_weight}); a linear probe
+   on the probed word's state predicts the answer (weight {args.probe_weight}); the answer position
+   attends to that word in heads 0-{args.scaffold_heads - 1} of a middle layer (weight
+   {args.route_weight}).
 
 - Seed: {args.seed}; command: `{timings.get("command", "")}`
 - Training wall time: {vision_min:.1f} min (stage 1) + {lm_min:.1f} min (stage 2)
