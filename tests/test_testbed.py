@@ -112,7 +112,15 @@ def test_question_type(question: str, answer: str, expected: str):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("circle", "circle"), (" Yes</s>", "yes"), ("teal.", "teal"), ("<pad>no</s>", "no"), ("", "")],
+    [
+        ("circle", "circle"),
+        (" Yes</s>", "yes"),
+        ("teal.", "teal"),
+        ("<pad>no</s>", "no"),
+        ("", ""),
+        (" 2</s>", "2"),  # count answers: a number is a word, not nothing
+        ("</s>", ""),
+    ],
 )
 def test_normalize_answer(text: str, expected: str):
     assert normalize_answer(text) == expected

@@ -57,10 +57,17 @@ def timing_items(items: Sequence[VQAItem], count: int, seed: int = 0) -> list[VQ
         for item in order:
             if len(chosen) >= count:
                 break
-            if item.image_path not in chosen and not (distinct_text and item.question in texts):
-                chosen[item.image_path] = item
+            key = image_key(item)
+            if key not in chosen and not (distinct_text and item.question in texts):
+                chosen[key] = item
                 texts.add(item.question)
     return list(chosen.values())
+
+
+def image_key(item) -> object:
+    """What identifies an item's image: its file (easy-vqa) or its generated scene (test-bed 2)."""
+    path = getattr(item, "image_path", None)
+    return path if path is not None else id(item.scene)
 
 
 def workload(model, processor, items: Sequence[VQAItem], batch: int) -> tuple[dict, dict]:

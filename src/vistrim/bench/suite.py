@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import VistrimError
 
 # (full run, quick run); the quick run keeps the shape of the full one at a fraction of its cost.
+LABELLED = ("testbed", "testbed2")  # the shipped models that answer their own test questions right
 DEFAULTS = {
     "budgets": ("0.33,0.22,0.11", "0.33,0.11"),
     "repeats": (5, 2),
@@ -41,7 +42,8 @@ class BenchPlan:
     max_new_tokens: int = 64  # tokens generated per timed run
     repeats: int = 5
     batches: tuple[int, ...] = (1,)  # prompts per timed generate; the main table at the first
-    samples: int = 300  # easy-vqa test items answered for accuracy / fidelity (0: none)
+    samples: int = 300  # labelled test items answered for accuracy / fidelity (0: none)
+    data: str = "easy-vqa"  # where they come from: "easy-vqa" test, or "shapes" (test-bed 2's split)
     own_defaults: bool = True  # methods with their own schedule (st3, mustdrop) also get a default row
     kv_budget: tuple[str, float] | None = None  # ("bytes", n) or ("ratio", multiple of unpruned/seq)
 
@@ -52,7 +54,7 @@ class BenchPlan:
 
     @property
     def labelled(self) -> bool:
-        return self.model == "testbed"
+        return self.model in LABELLED
 
     @classmethod
     def resolve(
@@ -75,7 +77,9 @@ class BenchPlan:
         from .batched import parse_batches, parse_kv_budget
 
         pick = 1 if quick else 0
-        labelled = model == "testbed"
+        from ..data.labelled import default_data
+
+        labelled = model in LABELLED
         plan = cls(
             model=model,
             device=device,
@@ -84,6 +88,7 @@ class BenchPlan:
             max_new_tokens=DEFAULTS["max_new_tokens"][pick] if max_new_tokens is None else max_new_tokens,
             repeats=DEFAULTS["repeats"][pick] if repeats is None else repeats,
             batches=parse_batches(batch_size),
+            data=default_data(model),
             samples=DEFAULTS["samples_labelled" if labelled else "samples_other"][pick]
             if samples is None
             else samples,
@@ -154,14 +159,15 @@ def bench(model, processor, methods, plan: BenchPlan, budgets=None) -> tuple[dic
 
 
 def prepare(model, processor, specs, budgets, plan: BenchPlan):
-    """Items answered for quality (a fixed easy-vqa test subset), the pool of timing prompts (one
-    per image), the first batch's timing inputs and the configuration grid."""
-    from ..data.easyvqa import fixed_subset, load_split
+    """Items answered for quality (a fixed labelled test subset of ``plan.data``), the pool of timing
+    prompts (one per image), the first batch's timing inputs and the configuration grid."""
+    from ..data.easyvqa import fixed_subset
+    from ..data.labelled import labelled_pool
     from ..families import family_for
     from .runner import BenchOptions, timing_items, workload
     from .specs import build_configs
 
-    split = load_split("test")
+    split = labelled_pool(plan.data)
     items = fixed_subset(split, plan.samples, seed=0) if plan.samples else []
     pool = timing_items(split, len(split))
     if plan.batches[-1] > len(pool):
@@ -182,11 +188,13 @@ def prepare(model, processor, specs, budgets, plan: BenchPlan):
 
 
 def run_settings(model, plan: BenchPlan, budgets, configs, items, options) -> dict:
+    from ..data.labelled import labelled_data_name
     from .runner import environment
 
     return {
         "model": plan.model,
         **environment(model, plan.device, plan.dtype),
+        "data": labelled_data_name(plan.data),
         "budgets": budgets,
         "methods": [f"{c.label} @ {c.budget_label}" for c in configs],
         "samples": len(items),

@@ -50,7 +50,8 @@ def add_bench_parser(commands) -> None:
         "--limit",
         dest="samples",
         type=int,
-        help="easy-vqa test items answered for accuracy/fidelity (0: timing only)",
+        help="labelled test items answered for accuracy/fidelity (testbed2: its own shapes split; "
+        "0: timing only)",
     )
     bench.add_argument("--quick", action="store_true", help="fewer budgets, repeats, tokens and samples")
     bench.add_argument("--out", help="output folder (default results/bench-<model>-<timestamp>)")

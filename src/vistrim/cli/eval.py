@@ -1,5 +1,6 @@
-"""``vistrim eval``: accuracy per method x budget on easy-vqa (labelled), or with ``--fidelity``
-agreement with the unpruned model on any images and prompts (no labels). The work is
+"""``vistrim eval``: accuracy per method x budget on labelled questions (easy-vqa, or the
+shapes-on-photos test split for ``testbed2``), or with ``--fidelity`` agreement with the unpruned
+model on any images and prompts (no labels). The work is
 ``vistrim.evaluate.suite`` (callable from Python); this module parses and checks the arguments."""
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def add_eval_parser(commands) -> None:
         help="text on a line after each easy-vqa question (default: none for testbed/tiny, "
         "LLaVA-1.5's 'Answer the question using a single word or phrase.' otherwise)",
     )
+    ev.add_argument(
+        "--data",
+        choices=("easy-vqa", "shapes"),
+        help="labelled questions: easy-vqa test, or shapes on photos (test split of test-bed 2); "
+        "default: shapes for testbed2, easy-vqa otherwise",
+    )
+    ev.add_argument(
+        "--ablate",
+        choices=("none", "blank", "background"),
+        default="none",
+        help="replace every image: uniform gray (blank) or, for shapes, the photo without its shapes",
+    )
     ev.add_argument("--out", help="output folder (default results/eval-<model>-<timestamp>)")
     ev.add_argument("--fidelity", action="store_true", help="compare with the unpruned model, no labels")
     ev.add_argument("--images", nargs="+", help="--fidelity: image files and/or folders")
@@ -73,12 +86,16 @@ def check_args(args: argparse.Namespace):
         batch_size=args.batch_size,
         max_new_tokens=(16 if args.fidelity else 2) if args.max_new_tokens is None else args.max_new_tokens,
         instruction=args.instruction,
+        data=args.data,
+        ablate=args.ablate,
     ).check()
     check_threads(args.threads)
     if args.fidelity and not args.images:
         raise VistrimError("--fidelity needs --images FILE_OR_FOLDER ...")
     if not args.fidelity and (args.images or args.prompts or args.prompt):
         raise VistrimError("--images/--prompts/--prompt belong to --fidelity mode")
+    if args.fidelity and (args.data is not None or args.ablate != "none"):
+        raise VistrimError("--data/--ablate belong to labelled mode, not --fidelity")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model.rstrip("/")).name or args.model)
     args.out = check_output_dir(args.out or f"results/eval-{name}-{time.strftime('%Y%m%d-%H%M%S')}", "--out")
     return plan

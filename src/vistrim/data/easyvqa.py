@@ -52,9 +52,11 @@ def question_type(question: str, answer: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """The first lower-case word of ``text`` (drops special tokens, punctuation and whitespace)."""
+    """The first lower-case word or number of ``text`` (drops special tokens, punctuation and
+    whitespace). Numbers count: with letters only, every count answer ("2") normalised to "" and
+    matched every guess."""
     text = re.sub(r"<[^>]*>", " ", text.lower())
-    match = re.search(r"[a-z]+", text)
+    match = re.search(r"[a-z0-9]+", text)
     return match.group(0) if match else ""
 
 

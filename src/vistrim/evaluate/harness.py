@@ -15,6 +15,8 @@ import torch
 
 from ..api import trim
 from ..data.easyvqa import QTYPES, VQAItem, build_prompt, load_image, normalize_answer
+from ..data.shapes import QTYPES as SCENE_QTYPES
+from ..data.shapes import size_bin, size_bins
 
 
 @dataclass
@@ -102,7 +104,7 @@ def answer(
 
 # LLaVA-1.5's instruction for short-answer VQA; the test-bed was trained on bare questions.
 SHORT_ANSWER = "Answer the question using a single word or phrase."
-BARE_QUESTION_MODELS = ("testbed", "tiny")
+BARE_QUESTION_MODELS = ("testbed", "testbed2", "tiny")
 
 
 def default_instruction(model_spec: str) -> str:
@@ -110,13 +112,20 @@ def default_instruction(model_spec: str) -> str:
 
 
 def item_batches(
-    items: Sequence[VQAItem], batch_size: int, instruction: str = ""
+    items: Sequence[VQAItem], batch_size: int, instruction: str = "", image: Callable | None = None
 ) -> list[tuple[list, list[str]]]:
     """(images, questions) per batch of labelled items, in order; ``instruction`` goes on a line
-    after each question."""
+    after each question; ``image`` maps an item to its image (default :func:`item_image`)."""
+    image = image or item_image
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     suffix = f"\n{instruction}" if instruction else ""
-    return [([load_image(it.image_path) for it in c], [it.question + suffix for it in c]) for c in chunks]
+    return [([image(it) for it in c], [it.question + suffix for it in c]) for c in chunks]
+
+
+def item_image(item):
+    """The item's image: its own ``load_image()`` (generated scenes) or the file at ``image_path``."""
+    loader = getattr(item, "load_image", None)
+    return loader() if callable(loader) else load_image(item.image_path)
 
 
 # ---------------------------------------------------------------------- arithmetic (pure)
@@ -126,13 +135,27 @@ def score(items: Sequence[VQAItem], texts: Sequence[str]) -> list[bool]:
 
 
 def accuracy_summary(items: Sequence[VQAItem], correct: Sequence[bool]) -> dict:
-    """``{"accuracy", "n", "by_type": {qtype: {"accuracy", "n"}}}`` (absent types left out)."""
-    by_type = {}
-    for qtype in QTYPES:
-        marks = [c for it, c in zip(items, correct) if it.qtype == qtype]
-        if marks:
-            by_type[qtype] = {"accuracy": sum(marks) / len(marks), "n": len(marks)}
-    return {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct), "by_type": by_type}
+    """``{"accuracy", "n", "by_type": {qtype: {"accuracy", "n"}}}`` (absent types left out), plus
+    ``"by_size"`` (accuracy per bin of the answer object's area in patches) when items carry a size."""
+    order = dict.fromkeys([*QTYPES, *SCENE_QTYPES, *sorted({it.qtype for it in items})])
+    summary = {
+        "accuracy": sum(correct) / max(1, len(correct)),
+        "n": len(correct),
+        "by_type": group_accuracy(items, correct, lambda it: it.qtype, order),
+    }
+    if any(getattr(it, "size", None) is not None for it in items):
+        summary["by_size"] = group_accuracy(items, correct, lambda it: size_bin(it.size), size_bins())
+    return summary
+
+
+def group_accuracy(items, correct, key, order) -> dict:
+    """``{group: {"accuracy", "n"}}`` over the groups in ``order`` that occur (``key`` None: skipped)."""
+    groups: dict = {}
+    for it, c in zip(items, correct):
+        groups.setdefault(key(it), []).append(c)
+    return {
+        g: {"accuracy": sum(groups[g]) / len(groups[g]), "n": len(groups[g])} for g in order if g in groups
+    }
 
 
 def relative(value: float, reference: float) -> float | None:

@@ -36,6 +36,20 @@ def accuracy_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+def size_table(rows: list[dict], title: str) -> Table:
+    """Accuracy per bin of the answer object's area in patches (rows that carry ``by_size``)."""
+    bins = list(dict.fromkeys(b for r in rows for b in r.get("by_size", {})))
+    table = Table(title=title, title_justify="left")
+    for column in ("method", "budget", "tokens", *bins):
+        table.add_column(column, justify="left" if column in ("method", "budget") else "right")
+    for r in rows:
+        cells = [pct(r.get("by_size", {}).get(b, {}).get("accuracy")) for b in bins]
+        table.add_row(r["label"], budget_text(r), f"{r['layer_average_visual']:.1f}", *cells)
+    first = rows[0].get("by_size", {})
+    table.add_row("n", "", "", *(str(first.get(b, {}).get("n", "-")) for b in bins))
+    return table
+
+
 def fidelity_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in ("method", "budget", "tokens", "post-cut", "identical", "KL first token", "n"):
@@ -79,6 +93,34 @@ def plot_vs_budget(rows: list[dict], key: str, ylabel: str, path: Path, title: s
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_by_size(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy against object size (patches), one panel per budget, a line per method; the
+    unpruned model in every panel as a dashed reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = list(rows[0]["by_size"])
+    budgets = list(dict.fromkeys(budget_text(r) for r in rows[1:])) or ["-"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 3.8), sharey=True, squeeze=False)
+    reference = [rows[0]["by_size"][b]["accuracy"] for b in bins]
+    for ax, budget in zip(axes[0], budgets):
+        ax.plot(bins, reference, color="black", lw=0.8, ls="--", label="unpruned")
+        for r in rows[1:]:
+            if budget_text(r) == budget:
+                accuracy = [r["by_size"].get(b, {}).get("accuracy") for b in bins]
+                ax.plot(bins, accuracy, marker="o", label=r["label"])
+        ax.set_title(f"budget {budget}", fontsize=9)
+        ax.set_xlabel("answer object area (patches)")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""``vistrim eval`` as Python: accuracy on easy-vqa, or fidelity to the unpruned model on any image x
+"""``vistrim eval`` as Python: accuracy on labelled questions (easy-vqa, or test-bed 2's shapes on
+photos), or fidelity to the unpruned model on any image x
 prompt pairs, per method x budget. The CLI only parses.
 
 >>> from vistrim.evaluate.suite import EvalPlan, evaluate_accuracy, write_outputs
@@ -14,9 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..data.labelled import DATA
 from ..errors import VistrimError
 
 DEFAULT_BUDGETS = "0.33,0.22,0.11"
+ABLATIONS = ("none", "blank", "background")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class EvalPlan:
     max_new_tokens: int = 2  # answer length (the CLI's default is 16 for fidelity)
     instruction: str | None = None  # None: the model's default (see evaluate.harness)
     pairs: list = field(default_factory=list)  # fidelity: (image file, prompt) per item, recorded
+    data: str | None = None  # labelled questions: "easy-vqa" or "shapes"; None: the model's default
+    ablate: str = "none"  # "blank": every image uniform gray; "background" (shapes): the bare photo
 
     def check(self) -> EvalPlan:
         if self.batch_size < 1:
@@ -38,7 +43,19 @@ class EvalPlan:
             raise VistrimError(f"--limit must be >= 1, got {self.samples}")
         if self.max_new_tokens < 1:
             raise VistrimError("--max-new-tokens must be >= 1")
+        if self.data not in (None, *DATA):
+            raise VistrimError(f"--data must be one of {', '.join(DATA)}, got {self.data!r}")
+        if self.ablate not in ABLATIONS:
+            raise VistrimError(f"--ablate must be one of {', '.join(ABLATIONS)}, got {self.ablate!r}")
+        if self.ablate == "background" and self.data_name != "shapes":
+            raise VistrimError("--ablate background needs --data shapes (easy-vqa images have no photo)")
         return self
+
+    @property
+    def data_name(self) -> str:
+        from ..data.labelled import default_data
+
+        return self.data or default_data(self.model)
 
 
 def specs_and_budgets(methods, plan: EvalPlan):
@@ -112,17 +129,33 @@ def meta(config) -> dict:
     return config_meta(config)
 
 
+def image_source(ablate: str):
+    """Item -> image: the item's own, a uniform gray one of the same size, or its bare photo."""
+    from PIL import Image
+
+    from ..data.easyvqa import BLANK_COLOR
+    from ..data.shapes import render
+    from .harness import item_image
+
+    if ablate == "blank":
+        return lambda item: Image.new("RGB", item_image(item).size, BLANK_COLOR)
+    if ablate == "background":
+        return lambda item: render(item.scene, "background")
+    return item_image
+
+
 def evaluate_accuracy(model, processor, methods, plan: EvalPlan) -> dict:
-    """Accuracy on a fixed easy-vqa test subset per method x budget (``methods``: a ``--methods``
-    string, a list of ``MethodSpec``, or None for every method)."""
-    from ..data.easyvqa import fixed_subset, load_split
+    """Accuracy on a fixed labelled test subset (``plan.data``) per method x budget (``methods``: a
+    ``--methods`` string, a list of ``MethodSpec``, or None for every method)."""
+    from ..data.labelled import labelled_test_items
     from .harness import config_summary, default_instruction, item_batches
 
     specs, budgets = specs_and_budgets(methods, plan.check())
-    items = fixed_subset(load_split("test"), plan.samples or 500, seed=0)
+    plan = replace(plan, data=plan.data_name)
+    items, data = labelled_test_items(plan.data, plan.samples or 500)
     if plan.instruction is None:
         plan = replace(plan, instruction=default_instruction(plan.model))
-    batches = item_batches(items, plan.batch_size, plan.instruction)
+    batches = item_batches(items, plan.batch_size, plan.instruction, image_source(plan.ablate))
     configs = grid(model, processor, batches[0], specs, budgets, plan)
     answers = run_grid(model, processor, batches, configs, plan.max_new_tokens, len(items))
     reference = config_summary(items, answers[0].texts, answers[0].reached, 0.0)
@@ -130,7 +163,9 @@ def evaluate_accuracy(model, processor, methods, plan: EvalPlan) -> dict:
     for config, result in zip([None, *configs], answers):
         summary = config_summary(items, result.texts, result.reached, reference["accuracy"])
         rows.append({**meta(config), **summary, **post_cut(result), "batch_stats": result.batches})
-    settings = eval_settings(model, plan, configs, len(items), "easy-vqa test, fixed_subset(seed=0)")
+    if plan.ablate != "none":
+        data += f", images replaced ({plan.ablate})"
+    settings = eval_settings(model, plan, configs, len(items), data)
     return {"mode": "accuracy", "settings": settings, "rows": rows}
 
 
@@ -191,7 +226,7 @@ def write_outputs(document: dict, out: str | Path, console=None) -> None:
     """``eval.json`` and a plot in ``out``; the table also on the console."""
     from rich.console import Console
 
-    from .report import accuracy_table, fidelity_table, plot_vs_budget
+    from .report import accuracy_table, fidelity_table, plot_by_size, plot_vs_budget, size_table
 
     console = console or Console()
     wide = Console(width=max(120, console.width))
@@ -204,6 +239,10 @@ def write_outputs(document: dict, out: str | Path, console=None) -> None:
         wide.print(accuracy_table(rows, title))
         plot_vs_budget(rows, "accuracy", "accuracy", out / "accuracy_vs_budget.png", title)
         names = "eval.json, accuracy_vs_budget.png"
+        if any("by_size" in r for r in rows):
+            wide.print(size_table(rows, f"accuracy by object size (patches) | {title}"))
+            plot_by_size(rows, out / "accuracy_by_size.png", title)
+            names += ", accuracy_by_size.png"
     else:
         wide.print(fidelity_table(rows, title))
         ylabel = "answers identical to unpruned"

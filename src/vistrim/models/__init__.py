@@ -1,7 +1,9 @@
 """Loading models by name, folder or hub id, with one-line errors.
 
 Named models: ``tiny`` (random, built from a config: for trying the tools), ``testbed`` (the
-shipped, trained easy-vqa LLaVA: the embedded default), ``llava-geometry`` (real SmolLM2-135M
+shipped, trained easy-vqa LLaVA: the embedded default), ``testbed2`` (LLaVA-1.5 geometry, trained on
+small shapes on photos: 576 visual tokens, 16 layers; loaded from the package assets, a one-line
+error while no trained weights are shipped there), ``llava-geometry`` (real SmolLM2-135M
 language model with a random CLIP-shaped tower at LLaVA-1.5 geometry, built once and cached;
 ``llava-geometry-672`` the same at 672 px, 2,304 visual tokens per image, for long contexts).
 Anything else is a local folder or a Hugging Face hub id, loaded with ``from_pretrained``.
@@ -26,7 +28,7 @@ from safetensors import SafetensorError
 
 from ..errors import VistrimError
 
-NAMED = ("testbed", "llava-geometry", "llava-geometry-672", "tiny")
+NAMED = ("testbed", "testbed2", "llava-geometry", "llava-geometry-672", "tiny")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = (
     "*.safetensors",
@@ -120,6 +122,13 @@ def _load(spec: str, device: torch.device, torch_dtype: torch.dtype, attn: str):
             return load_testbed(device=device, dtype=torch_dtype, attn_implementation=attn)
         except _LOAD_ERRORS as error:  # the shipped folder is missing or incomplete (a broken install)
             raise VistrimError(f"cannot load the shipped test-bed model: {_first_line(error)}") from None
+    if spec == "testbed2":
+        from .testbed2 import load_testbed2
+
+        try:
+            return load_testbed2(device=device, dtype=torch_dtype, attn_implementation=attn)
+        except OSError as error:
+            raise VistrimError(f"cannot load the shipped test-bed 2 model: {_first_line(error)}") from None
     if spec in ("llava-geometry", "llava-geometry-672"):
         from .geometry import geometry_dir, load_llava_geometry
 

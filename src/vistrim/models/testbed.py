@@ -96,11 +96,15 @@ def build_testbed(
 
 
 def load_testbed(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    folder: Path = TESTBED_DIR,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The trained test-bed and its processor from the package assets (no network access)."""
+    """The trained test-bed (or the one in ``folder``) and its processor from the package assets
+    (no network access)."""
     model = LlavaForConditionalGeneration.from_pretrained(
-        TESTBED_DIR, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )
-    processor = AutoProcessor.from_pretrained(TESTBED_DIR, local_files_only=True, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     return model.to(device).eval(), processor
