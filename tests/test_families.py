@@ -132,6 +132,16 @@ def batch(variant):
     return encode(processor, QUESTIONS)
 
 
+def test_vision_sequences_count_images_tiles_and_frames(variant, batch):
+    """bench's FLOPs multiply the tower's cost by this: one sequence per image at least (tiles and
+    frames add theirs); for packed towers (Qwen) one per grid row, not the packed patch count."""
+    _, model, _, _ = variant
+    sequences = family_for(model).vision_sequences(dict(batch))
+    assert sequences >= len(QUESTIONS)
+    if "image_grid_thw" in batch:
+        assert sequences == batch["image_grid_thw"].shape[0]
+
+
 def greedy(model, inputs, n: int = 5, **kw) -> torch.Tensor:
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)

@@ -62,6 +62,12 @@ class Qwen2VL(Family):
             text = text + deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)
         return text[None].expand(3, batch, length)
 
+    def vision_sequences(self, inputs: dict) -> int:
+        """The tower packs every image's and video's patches into one tensor (``pixel_values`` is
+        (patches, dim)); each grid row of ``image_grid_thw`` / ``video_grid_thw`` is one sequence."""
+        grids = [inputs.get(key) for key in ("image_grid_thw", "video_grid_thw")]
+        return sum(int(grid.shape[0]) for grid in grids if grid is not None)
+
     def token_cells(self, inputs: dict, image: int):
         """An image of t x h x w patches enters as t*(h/m)*(w/m) tokens (m = spatial_merge_size),
         frame by frame in raster order over the merged grid; the processor resizes without
