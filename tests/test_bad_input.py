@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import images, run_cli
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 import vistrim
 import vistrim.io
@@ -115,7 +116,12 @@ def test_broken_weights_and_incomplete_folders_are_one_short_line(capsys, saved_
         shutil.copy(saved_tiny / name, no_processor)
     empty = tmp_path / "empty"
     empty.mkdir()
+    partial = shutil.copytree(saved_tiny, tmp_path / "partial")
+    tensors = load_file(partial / "model.safetensors")
+    tensors.pop(sorted(name for name in tensors if "layers.0." in name)[0])
+    save_file(tensors, partial / "model.safetensors", metadata={"format": "pt"})
     cases = {
+        partial: "lacks 1 weight tensor(s)",
         truncated: "corrupt",
         garbage: "corrupt",
         only_config: "has no weights",

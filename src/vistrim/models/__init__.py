@@ -181,13 +181,18 @@ def _from_pretrained(spec: str, device: torch.device, dtype: torch.dtype, attn: 
     except Exception as error:  # the tokenizers library raises plain Exception for a broken tokenizer.json
         raise VistrimError(f"cannot load the processor of model {spec!r}: {_first_line(error)}") from None
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn, **options
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn, output_loading_info=True, **options
         )
     except ValueError as error:
         raise VistrimError(_value_message(spec, error, "weights")) from None
     except _LOAD_ERRORS as error:
         raise VistrimError(f"cannot load the weights of model {spec!r}: {_weights_message(error)}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would only warn and run them randomly initialised
+        raise VistrimError(
+            f"model {spec!r} lacks {len(missing)} weight tensor(s) ({missing[0]}); they would run random"
+        )
     return model.to(device).eval(), processor
 
 
