@@ -155,7 +155,7 @@ class Trimming:
         traceback lmms-eval prints before exiting 0."""
         try:
             super().__init__(**self.placement(own))
-        except (ImportError, OSError, ValueError) as error:
+        except (ImportError, OSError, RuntimeError, ValueError) as error:
             wrapped = self._wrapped_class()
             raise VistrimError(
                 f"lmms-eval's {wrapped.__module__}.{wrapped.__name__} cannot load "
