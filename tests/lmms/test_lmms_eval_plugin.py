@@ -20,6 +20,8 @@ import torch
 
 from vistrim import VistrimError, apply, at_budget, build, trim
 from vistrim.data.easyvqa import build_prompt, fixed_subset, load_image, load_split, normalize_answer
+from vistrim.families import family_for
+from vistrim.integrations.lmms_eval.base import torchvision_problem
 from vistrim.models import load_model
 
 QUESTIONS = 20
@@ -56,14 +58,22 @@ def task(tmp_path_factory) -> Path:
     return folder
 
 
-def lmms_eval(task: Path, out: Path, model_args: str, *extra: str, launcher=(sys.executable, "-m")):
+def lmms_eval(
+    task: Path,
+    out: Path,
+    model_args: str,
+    *extra: str,
+    launcher=(sys.executable, "-m"),
+    model: str = "vistrim_llava_hf",
+    pretrained: str = "testbed",
+):
     command = [
         *launcher,
         "lmms_eval",
         "--model",
-        "vistrim_llava_hf",
+        model,
         "--model_args",
-        f"pretrained=testbed,device=cpu,stats_dir={out / 'stats'},{model_args}",
+        f"pretrained={pretrained},device=cpu,stats_dir={out / 'stats'},{model_args}",
         "--tasks",
         "vistrim_easyvqa",
         "--include_path",
@@ -265,3 +275,178 @@ def test_on_error_record_keeps_lmms_evals_empty_answers_and_counts_them(task, tm
     throughput = results["throughput"]
     assert throughput["avg_vistrim_failed"] == 3 and throughput["avg_vistrim_samples"] == 0
     assert [r["kind"] for r in side] == ["run"]  # no statistics for questions that were not answered
+
+
+# ---------------------------------------------------------------------- other families
+FAMILY_QUESTIONS = 8  # of the exported 20 (--limit): a tiny random model answers noise, fast
+
+
+def tiny_variant(name: str):
+    """A tiny random model and processor from vistrim's family registry (no hub)."""
+    from vistrim.families import FAMILIES
+
+    (build_tiny,) = [b for f in FAMILIES.values() for n, b in f.tiny_variants().items() if n == name]
+    return build_tiny(seed=0)
+
+
+def saved(folder: Path, model, processor, video_processor: str | None = None) -> Path:
+    """``model`` and ``processor`` saved as a checkpoint folder; ``video_processor`` names the video
+    processor class a hub checkpoint of that family declares (the tiny processors are image-only)."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    if video_processor is not None:
+        (folder / "video_preprocessor_config.json").write_text(
+            json.dumps({"video_processor_type": video_processor})
+        )
+    return folder
+
+
+def own_answers(model, processor, method, count: int):
+    """vistrim's own answers on the first ``count`` exported questions, one by one: (text,
+    layer-averaged visual tokens, prompt length, visual tokens in)."""
+    torch.set_num_threads(1)
+    found = []
+    with trim(model, method) as session:
+        for item in fixed_subset(load_split("test"), QUESTIONS, seed=0)[:count]:
+            inputs = processor(
+                images=[load_image(item.image_path)],
+                text=[build_prompt(processor, item.question)],
+                return_tensors="pt",
+            )
+            with torch.no_grad():
+                output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            text = processor.batch_decode(
+                output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            )[0]
+            stats = session.stats
+            found.append(
+                (text, stats.layer_average_mean(), inputs["input_ids"].shape[1], int(stats.visual_in[0]))
+            )
+    return found
+
+
+def check_family_run(out: Path, expected: list, num_layers: int, method) -> dict:
+    """A run's files against vistrim's own run of the same questions; returns lmms-eval's throughput."""
+    results, samples, side = outputs(out)
+    assert [s["doc_id"] for s in samples] == list(range(len(expected)))
+    assert [answer_of(s) for s in samples] == [text for text, *_ in expected]
+    assert 0 <= results["results"]["vistrim_easyvqa"]["accuracy,none"] <= 1
+    throughput = results["throughput"]
+    assert throughput["avg_vistrim_samples"] == len(expected) and throughput["avg_vistrim_failed"] == 0
+    visual_in = sum(v for *_, v in expected) / len(expected)
+    layer_average = sum(a for _, a, _, _ in expected) / len(expected)
+    assert throughput["avg_vistrim_visual_tokens_in"] == pytest.approx(visual_in) and visual_in > 0
+    assert throughput["avg_vistrim_visual_tokens"] == pytest.approx(layer_average)
+    (header,) = [r for r in side if r["kind"] == "run"]
+    assert header["method"] == method.name and header["settings"] == method.settings()
+    records = sorted((r for r in side if r["kind"] == "sample"), key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in records] == list(range(len(expected)))
+    for record, (_, average, prompt, n_visual) in zip(records, expected):
+        per_layer = record["prefill_visual_per_layer"]
+        assert len(per_layer) == num_layers and sum(per_layer) / num_layers == pytest.approx(average)
+        assert record["prompt_tokens"] == prompt and record["visual_in"] == n_visual
+    if method.name == "none":
+        assert layer_average == visual_in and throughput["avg_vistrim_kv_ratio_prefill"] == pytest.approx(1.0)
+    else:
+        assert layer_average < visual_in and throughput["avg_vistrim_kv_ratio_prefill"] < 1
+    return throughput
+
+
+@pytest.mark.parametrize(
+    ("model_args", "method"),
+    [("method=none", build("none")), ("method=st3,prune_ratio=0.5", build("st3", prune_ratio=0.5))],
+)
+def test_llava_hf_serves_llava_next_checkpoints(task, tmp_path, model_args, method):
+    """llava_hf loads a LLaVA-NeXT folder by its model_type; trimmed, it answers exactly as vistrim
+    answers the same questions (any-resolution tiles, image_sizes) and reports its numbers."""
+    model, processor = tiny_variant("llava_next")
+    folder = saved(tmp_path / "llava_next", model, processor)
+    run = lmms_eval(task, tmp_path, model_args, "--limit", str(FAMILY_QUESTIONS), pretrained=str(folder))
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = own_answers(model, processor, method, FAMILY_QUESTIONS)
+    check_family_run(tmp_path, expected, family_for(model).geometry.num_layers, method)
+
+
+TORCHVISION = torchvision_problem()
+
+
+@pytest.mark.skipif(TORCHVISION is not None, reason=f"torchvision does not import here: {TORCHVISION}")
+def test_llava_hf_serves_llava_onevision_checkpoints(task, tmp_path):
+    model, processor = tiny_variant("llava_onevision")
+    folder = saved(tmp_path / "llava_onevision", model, processor, "LlavaOnevisionVideoProcessor")
+    method = build("st3", prune_ratio=0.5)
+    run = lmms_eval(
+        task, tmp_path, "method=st3,prune_ratio=0.5", "--limit", str(FAMILY_QUESTIONS), pretrained=str(folder)
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = own_answers(model, processor, method, FAMILY_QUESTIONS)
+    check_family_run(tmp_path, expected, family_for(model).geometry.num_layers, method)
+
+
+@pytest.mark.skipif(TORCHVISION is None, reason="torchvision imports here (the end-to-end test runs)")
+def test_a_checkpoint_llava_hf_cannot_load_stops_with_one_line(task, tmp_path):
+    """A LLaVA-OneVision folder without a working torchvision (its video processor needs one): one
+    line naming the model, the folder and the cause, exit status 1, before any question."""
+    model, processor = tiny_variant("llava_onevision")
+    folder = saved(tmp_path / "llava_onevision", model, processor, "LlavaOnevisionVideoProcessor")
+    run = lmms_eval(task, tmp_path, "method=st3", "--limit", "2", pretrained=str(folder))
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    wrapped = "lmms_eval.models.chat.llava_hf.LlavaHf"
+    prefix = f"vistrim: error: lmms-eval's {wrapped} cannot load pretrained={folder}: "
+    assert last.startswith(prefix) and "Torchvision" in last, last
+    assert not list(tmp_path.glob("results/*/*_results.json"))
+
+
+@pytest.mark.skipif(TORCHVISION is None, reason="torchvision imports here (the end-to-end test runs)")
+def test_qwen2_5_vl_needs_torchvision_and_says_so_in_one_line():
+    from lmms_eval.models import get_model
+
+    with pytest.raises(SystemExit) as raised:
+        get_model("vistrim_qwen2_5_vl")
+    message = str(raised.value)
+    assert (
+        message.startswith("vistrim: error: vistrim_qwen2_5_vl needs torchvision") and TORCHVISION in message
+    )
+    assert len(message.splitlines()) == 1
+
+
+@pytest.mark.skipif(TORCHVISION is not None, reason=f"torchvision does not import here: {TORCHVISION}")
+@pytest.mark.parametrize("model_args", ["method=none", "method=fastv,keep=0.25"])
+def test_qwen2_5_vl_end_to_end(task, tmp_path, model_args):
+    """lmms-eval's qwen2_5_vl (images through qwen-vl-utils, bf16) on a tiny Qwen2.5-VL: every question
+    answered, vistrim's numbers per layer, and the method really ran. Answers are not compared:
+    qwen-vl-utils resizes images before the processor does."""
+    from lmms_eval.models import get_model
+    from transformers import Qwen2VLVideoProcessor
+
+    assert get_model("vistrim_qwen2_5_vl").is_simple is False
+    model, processor = tiny_variant("qwen2_5_vl")
+    folder = saved(tmp_path / "qwen2_5_vl", model, processor)
+    Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2).save_pretrained(folder)
+    pixels = "min_pixels=1024,max_pixels=4096"  # lmms-eval's defaults are sized for patch 14
+    run = lmms_eval(
+        task,
+        tmp_path,
+        f"{pixels},{model_args}",
+        "--limit",
+        str(FAMILY_QUESTIONS),
+        model="vistrim_qwen2_5_vl",
+        pretrained=str(folder),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results, samples, side = outputs(tmp_path)
+    assert [s["doc_id"] for s in samples] == list(range(FAMILY_QUESTIONS))
+    throughput = results["throughput"]
+    assert throughput["avg_vistrim_samples"] == FAMILY_QUESTIONS and throughput["avg_vistrim_failed"] == 0
+    visual_in = throughput["avg_vistrim_visual_tokens_in"]
+    assert visual_in > 0
+    layers = family_for(model).geometry.num_layers
+    records = [r for r in side if r["kind"] == "sample"]
+    assert sorted(r["doc_id"] for r in records) == list(range(FAMILY_QUESTIONS))
+    assert all(len(r["prefill_visual_per_layer"]) == layers for r in records)
+    if model_args == "method=none":
+        assert throughput["avg_vistrim_visual_tokens"] == visual_in
+    else:
+        assert throughput["avg_vistrim_visual_tokens"] < visual_in
+        assert throughput["avg_vistrim_kv_ratio_prefill"] < 1

@@ -84,6 +84,17 @@ def resolve_pretrained(pretrained: str | None) -> str | None:
     return pretrained
 
 
+def torchvision_problem() -> str | None:
+    """Why ``import torchvision`` fails here (None when it works): not installed, or a build made for
+    another torch (PyPI's CUDA builds next to a CPU torch raise RuntimeError at import)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first}"
+    return None
+
+
 def method_settings(settings: dict) -> dict:
     """lmms-eval splits ``--model_args`` at commas, so list values come with ``;`` (``layers=2;6``)."""
     return {k: v.replace(";", ",") if isinstance(v, str) else v for k, v in settings.items()}
@@ -109,7 +120,7 @@ class Trimming:
                 raise VistrimError(f"on_error={on_error!r} must be raise or record")
             self._on_error = on_error
             own["pretrained"] = resolve_pretrained(own.get("pretrained"))
-            super().__init__(**self.placement(own))
+            self._load(own)
             self._rank, self._world_size = self._ranks()
             model = super().model
             if self._budget is not None:  # refuses a method without a budget mode now
@@ -137,6 +148,19 @@ class Trimming:
         names.discard("self")
         own = {k: v for k, v in kwargs.items() if k in names}
         return own, {k: v for k, v in kwargs.items() if k not in names}
+
+    def _load(self, own: dict) -> None:
+        """The wrapped model's own ``__init__``; a checkpoint it cannot load (a missing folder, a
+        processor part that needs a package this environment lacks) is a one-line error, not the
+        traceback lmms-eval prints before exiting 0."""
+        try:
+            super().__init__(**self.placement(own))
+        except (ImportError, OSError, RuntimeError, ValueError) as error:
+            wrapped = self._wrapped_class()
+            raise VistrimError(
+                f"lmms-eval's {wrapped.__module__}.{wrapped.__name__} cannot load "
+                f"pretrained={own.get('pretrained')}: {type(error).__name__}: {' '.join(str(error).split())}"
+            ) from None
 
     def _ranks(self) -> tuple[int, int]:
         """(rank, world size) from the accelerator when it runs distributed, else from the launcher's

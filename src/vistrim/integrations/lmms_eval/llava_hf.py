@@ -1,4 +1,6 @@
-"""``vistrim_llava_hf``: lmms-eval's ``llava_hf`` chat model (LLaVA-1.5 style checkpoints) trimmed."""
+"""``vistrim_llava_hf``: lmms-eval's ``llava_hf`` chat model trimmed: LLaVA-1.5, LLaVA-NeXT and
+LLaVA-OneVision checkpoints in the Hugging Face format (llava_hf picks the class from the config's
+``model_type``)."""
 
 from __future__ import annotations
 
