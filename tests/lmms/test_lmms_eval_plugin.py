@@ -66,6 +66,7 @@ def lmms_eval(
     launcher=(sys.executable, "-m"),
     model: str = "vistrim_llava_hf",
     pretrained: str = "testbed",
+    task_name: str = "vistrim_easyvqa",
 ):
     command = [
         *launcher,
@@ -75,7 +76,7 @@ def lmms_eval(
         "--model_args",
         f"pretrained={pretrained},device=cpu,stats_dir={out / 'stats'},{model_args}",
         "--tasks",
-        "vistrim_easyvqa",
+        task_name,
         "--include_path",
         str(task),
         "--batch_size",
@@ -88,10 +89,10 @@ def lmms_eval(
     return subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=out, timeout=600)
 
 
-def outputs(out: Path) -> tuple[dict, list[dict], list[dict]]:
+def outputs(out: Path, task_name: str = "vistrim_easyvqa") -> tuple[dict, list[dict], list[dict]]:
     """(results JSON, logged samples by doc id, vistrim side-file records of every rank)."""
     (results_file,) = out.glob("results/*/*_results.json")
-    (samples_file,) = out.glob("results/*/*_samples_vistrim_easyvqa.jsonl")
+    (samples_file,) = out.glob(f"results/*/*_samples_{task_name}.jsonl")
     samples = sorted(
         (json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"]
     )
@@ -184,6 +185,61 @@ def test_plugin_matches_vistrim_and_reports_its_numbers(task, tmp_path, referenc
         assert len(per_layer) == 8 and sum(per_layer) / 8 == pytest.approx(record["layer_average_visual"])
         assert record["layer_average_visual"] == pytest.approx(average) and record["prompt_tokens"] == prompt
         assert record.get("settings", header["settings"]) == method.settings()  # what ran, per sample
+
+
+def test_shapes_task_exports_test_bed_2_questions_and_scores_them_per_type(tmp_path):
+    """`vistrim export-task shapes`: the questions `vistrim eval --data shapes` draws (same subset),
+    rendered scenes embedded; lmms-eval answers them as vistrim does and reports every type."""
+    from vistrim.data.labelled import labelled_test_items
+    from vistrim.data.shapes import QTYPES
+
+    count, folder = 6, tmp_path / "task"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vistrim.cli.main",
+            "export-task",
+            "shapes",
+            "--out",
+            str(folder),
+            "--limit",
+            str(count),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert run.returncode == 0, run.stderr
+    items, _ = labelled_test_items("shapes", count)
+    import pandas
+
+    table = pandas.read_parquet(folder / "shapes_test.parquet")
+    assert list(table["question"]) == [item.question for item in items]
+    assert list(table["answer"]) == [item.answer for item in items]
+
+    model, processor = load_model("testbed")
+    expected = []
+    for item in items:
+        inputs = processor(
+            images=[item.load_image()], text=[build_prompt(processor, item.question)], return_tensors="pt"
+        )
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        text = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+        expected.append(normalize_answer(text))
+
+    out = tmp_path / "run"
+    out.mkdir()
+    run = lmms_eval(folder, out, "method=none", task_name="vistrim_shapes")
+    assert run.returncode == 0, run.stderr[-3000:]
+    results, samples, _ = outputs(out, "vistrim_shapes")
+    assert [normalize_answer(answer_of(s)) for s in samples] == expected
+    scores = results["results"]["vistrim_shapes"]
+    accuracy = sum(a == normalize_answer(item.answer) for a, item in zip(expected, items)) / count
+    assert scores["accuracy,none"] == pytest.approx(accuracy)
+    assert {f"accuracy_{qtype},none" for qtype in {item.qtype for item in items}} <= set(scores)
+    assert {qtype for qtype in QTYPES} >= {item.qtype for item in items}
 
 
 def test_data_parallel_two_processes_gather_every_question(task, tmp_path):
