@@ -30,21 +30,15 @@ class LlavaOnevision(LlavaNext):
     name = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     videos = True
-    vision_refusal = (
-        "the core packs the tiles after the projector (unpadded, which can cut through a merge window, "
-        "interpolated beyond anyres_max, a newline after each grid row) and generate drops image_sizes "
-        "before prefill, so tokens merged inside a tile have no exact place among the placeholders; "
-        "set vision=false"
-    )
+    _ENCODER_INPUTS = (*LlavaNext._ENCODER_INPUTS, "batch_num_images")
 
     def _video_newlines(self, length: int) -> torch.Tensor:
         """The core appends image_newline after each video's frames (get_video_features)."""
         return torch.arange(length) == length - 1
 
-    def _pack(self, probe, sizes, newline):
-        return self.core.pack_image_features(
-            probe, sizes, image_newline=newline, vision_aspect_ratio=self.config.vision_aspect_ratio
-        )[0]
+    def _pack(self, probe, sizes, newline, call: dict | None = None):
+        aspect = (call or {}).get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        return self.core.pack_image_features(probe, sizes, image_newline=newline, vision_aspect_ratio=aspect)[0]
 
     def tiles(self, inputs: dict) -> list[int]:
         """As get_image_features: only samples with a single image are cut into tiles."""

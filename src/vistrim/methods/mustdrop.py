@@ -193,11 +193,16 @@ class MustDrop(Method):
         if found is None:  # no image, or encoded outside this session: the language-model stages still run
             return
         sizes = [int(record.valid[i].sum()) for record, i in found]
+        packed = all(r.protected is not None for r, _ in found)  # tile families: rows as packed
         notes = {}
         if self._needs_keys():
             keys = [key_tokens(r.cls[i : i + 1], r.valid[i : i + 1], self.key_ratio)[0] for r, i in found]
-            notes["key"] = [k[:n] for k, n in zip(keys, sizes)]
-        ctx.replace_images([f[:n] for f, n in zip(features, sizes)], notes)
+            notes["key"] = keys if packed else [k[:n] for k, n in zip(keys, sizes)]
+        if packed:
+            keep = [r.valid[i] | r.protected[i] for r, i in found]
+            ctx.replace_images(features, notes, keep=keep)
+        else:
+            ctx.replace_images([f[:n] for f, n in zip(features, sizes)], notes)
         stats, record = ctx.session.stats, found[0][0]
         stats.vision_tokens = record.tokens_per_layer
         stats.extra["mustdrop_visual_after_merge"] = sizes
@@ -218,10 +223,17 @@ class MustDrop(Method):
             patches = rows * cols
             limit = int((patches - resolve_budget(self.budget, patches)) // (self.window**2 - 1))
 
-        def reduce(hidden: torch.Tensor):
+        def reduce(hidden: torch.Tensor, allowed: torch.Tensor | None):
             head, patches = hidden[:, :prefix], hidden[:, prefix:]
             similarity = window_similarity(patches, windows)
-            plan = merge_plan(similarity, self.merge_threshold, same_count=self.official, limit=limit)
+            if allowed is None:
+                plan = merge_plan(similarity, self.merge_threshold, same_count=self.official, limit=limit)
+            else:  # only some sequences may merge (official: equal counts over those)
+                plan = torch.zeros_like(similarity, dtype=torch.bool)
+                if bool(allowed.any()):
+                    plan[allowed] = merge_plan(
+                        similarity[allowed], self.merge_threshold, same_count=self.official, limit=limit
+                    )
             merged_first = self.official
             tokens, valid, source = merge_windows(
                 patches, windows, plan, similarity, merged_first=merged_first
