@@ -211,7 +211,12 @@ class LlavaNext(Family):
         )
 
     # get_image_features arguments the core's forward passes on (OneVision adds batch_num_images)
-    _ENCODER_INPUTS = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+    _ENCODER_INPUTS = (
+        "pixel_values",
+        "image_sizes",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+    )
 
     def _encode(self, inputs: dict) -> list[torch.Tensor]:
         """The images of a forward call, encoded as the core would (through the session's wrapper)."""
@@ -237,7 +242,9 @@ class LlavaNext(Family):
             ids = self._pack(index_probe(tiles, patches), sizes, torch.zeros(2, dtype=torch.float64), call)
             exact = [bool((exact_rows(rows) | (rows[:, 0] == 0)).all()) for rows in ids]
             mergeable = torch.cat([torch.arange(n) < (n if ok else 1) for n, ok in zip(tiles, exact)])
-            with stage.encoding(mergeable):
+            visual = [int((rows[:, 0] != 0).sum()) for rows in ids]  # what a budget counts per image
+            counted = torch.tensor([v for v, n in zip(visual, tiles) for _ in range(n)])
+            with stage.encoding(mergeable, counted):
                 output = original(*args, **kwargs)
                 run = stage.last
             packed = getattr(output, "pooler_output", None)
@@ -272,7 +279,9 @@ class LlavaNext(Family):
             cls = None if importance is None else importance[image][:, 0].float().masked_fill(~valid, 0)[None]
             merged = None if run.merged is None else run.merged[start : start + count].sum().reshape(1).cpu()
             records.append(
-                VisionRecord(valid[None], cls, run.tokens_per_layer, merged, len(valid), protected=newline[None])
+                VisionRecord(
+                    valid[None], cls, run.tokens_per_layer, merged, len(valid), protected=newline[None]
+                )
             )
             start += count
         return records

@@ -38,7 +38,10 @@ class LlavaOnevision(LlavaNext):
 
     def _pack(self, probe, sizes, newline, call: dict | None = None):
         aspect = (call or {}).get("vision_aspect_ratio") or self.config.vision_aspect_ratio
-        return self.core.pack_image_features(probe, sizes, image_newline=newline, vision_aspect_ratio=aspect)[0]
+        packed = self.core.pack_image_features(
+            probe, sizes, image_newline=newline, vision_aspect_ratio=aspect
+        )
+        return packed[0]
 
     def tiles(self, inputs: dict) -> list[int]:
         """As get_image_features: only samples with a single image are cut into tiles."""

@@ -216,21 +216,31 @@ class MustDrop(Method):
         rows, cols = tower.grid
         prefix = tower.prefix
         windows = grid_windows(rows, cols, self.window)
-        # In budget mode an image merges at most as many windows as still leave the budget's
-        # tokens (a merge removes window^2 - 1); the language-model stages drop the rest.
-        limit = None
-        if self.budget is not None:
-            patches = rows * cols
-            limit = int((patches - resolve_budget(self.budget, patches)) // (self.window**2 - 1))
+        grid_patches = rows * cols
 
-        def reduce(hidden: torch.Tensor, allowed: torch.Tensor | None):
+        def merge_limit(counted: torch.Tensor | None):
+            """In budget mode an image merges at most as many windows as still leave the budget's
+            tokens (a merge removes window^2 - 1); the language-model stages drop the rest. A tile
+            of an image of n tokens keeps its share, budget * P / n of them."""
+            if self.budget is None:
+                return None
+            merge = self.window**2 - 1
+            if counted is None:
+                return int((grid_patches - resolve_budget(self.budget, grid_patches)) // merge)
+            share = [resolve_budget(self.budget, int(n)) * grid_patches / max(1, int(n)) for n in counted]
+            return torch.tensor([int((grid_patches - s) // merge) for s in share])
+
+        def reduce(hidden: torch.Tensor, allowed: torch.Tensor | None, counted: torch.Tensor | None):
             head, patches = hidden[:, :prefix], hidden[:, prefix:]
             similarity = window_similarity(patches, windows)
+            limit = merge_limit(counted)
             if allowed is None:
                 plan = merge_plan(similarity, self.merge_threshold, same_count=self.official, limit=limit)
             else:  # only some sequences may merge (official: equal counts over those)
                 plan = torch.zeros_like(similarity, dtype=torch.bool)
                 if bool(allowed.any()):
+                    if torch.is_tensor(limit):
+                        limit = limit.to(allowed.device)[allowed]
                     plan[allowed] = merge_plan(
                         similarity[allowed], self.merge_threshold, same_count=self.official, limit=limit
                     )

@@ -279,7 +279,9 @@ class Context:
         image = (first.flatten().long().cumsum(0) - 1).view_as(ids)[where]  # row-major order
         count = int(first.sum())
         if count != len(features):
-            raise VistrimError(f"the prompts hold placeholders of {count} images, but {len(features)} were encoded")
+            raise VistrimError(
+                f"the prompts hold placeholders of {count} images, but {len(features)} were encoded"
+            )
         rows = torch.bincount(image, minlength=count).tolist()
         if any(f.shape[0] != n or k.shape[0] != n for f, k, n in zip(features, keep, rows)):
             raise VistrimError("an image's encoded rows do not match its placeholders in the prompt")

@@ -32,10 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
-# (hidden (I, 1 + P, D), which sequences may merge (I,) bool or None = all) ->
-# (reduced hidden, valid, merged count per image, token of each patch or None)
+# (hidden (I, 1 + P, D), which sequences may merge (I,) bool or None = all, visual tokens of each
+# sequence's image (I,) or None = P) -> (reduced hidden, valid, merged count per image, token of
+# each patch or None)
 Reducer = Callable[
-    [torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+    [torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
 ]
 
 
@@ -79,17 +81,19 @@ class VisionStage:
         # Families that wrap their image encoder arm the stage only inside that call.
         self.armed = tower.wrap_encoder is None
         self.allowed: torch.Tensor | None = None  # (I,) sequences of the next run that may merge
+        self.counted: torch.Tensor | None = None  # (I,) visual tokens of each sequence's image
         self.last: VisionRecord | None = None  # the latest run's record (per sequence, spatial)
 
     @contextmanager
-    def encoding(self, allowed: torch.Tensor | None = None):
+    def encoding(self, allowed: torch.Tensor | None = None, counted: torch.Tensor | None = None):
         """Arm the stage for the tower runs inside the block; ``allowed`` (I,) bool: which of the
-        sequences of those runs may merge (None: all)."""
-        self.armed, self.allowed, self.last = True, allowed, None
+        sequences of those runs may merge (None: all); ``counted`` (I,): the visual tokens the
+        image of each sequence has in the prompt (what a budget counts; None: the sequence's P)."""
+        self.armed, self.allowed, self.counted, self.last = True, allowed, counted, None
         try:
             yield
         finally:
-            self.armed, self.allowed = self.tower.wrap_encoder is None, None
+            self.armed, self.allowed, self.counted = self.tower.wrap_encoder is None, None, None
 
     def remember(self, features: list[torch.Tensor], records: list[VisionRecord]) -> None:
         """Record ``records[i]`` for the feature tensor ``features[i]`` (found again by ``lookup``)."""
@@ -138,7 +142,7 @@ class VisionStage:
         self._run["before"] = output.shape[1]
         allowed = None if self.allowed is None else self.allowed.to(output.device)
         hidden, self._run["valid"], self._run["merged"], self._run["patch_token"] = self.reducer(
-            output, allowed
+            output, allowed, self.counted
         )
         return hidden
 
