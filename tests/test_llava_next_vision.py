@@ -187,15 +187,17 @@ def test_exact_budget_mode(built, budget):
     assert (stats.layer_average() - target).abs().max() <= 1.0
 
 
-def test_key_tokens_survive_the_filter(built):
+@pytest.mark.parametrize("vision", [True, False])  # false: the key set without the merge
+def test_key_tokens_survive_the_filter(built, vision):
     _, model, _, batch = built
-    settings = {**MERGE, "alpha": 10.0, "beta": 10.0, "key_ratio": 0.2}
+    settings = {**MERGE, "vision": vision, "alpha": 10.0, "beta": 10.0, "key_ratio": 0.2}
     layout = family_for(model).layout(batch["input_ids"], batch)
     with vistrim.trim(model, "mustdrop", **settings) as session, torch.no_grad():
         model(**batch)
     stats = session.stats
     keys = torch.tensor(stats.extra["mustdrop_key_tokens"])
     after = torch.tensor(stats.extra["mustdrop_visual_after_merge"])
+    assert bool((after < stats.visual_in).any()) is vision
     assert bool((keys == torch.ceil(after * 0.2 - 1e-9).long()).all())
     # every visual token the filter could drop is gone but the key set (and newlines) remain
     assert torch.equal(stats.prefill_visual()[-1], keys)

@@ -11,16 +11,31 @@ anyres tiles, a Llama-shaped language model: Vicuna, Mistral without sliding win
   visual, never dropped).
 - Videos (NeXT-Video): each frame is one CLIP sequence, pooled 2x2 (``vision_resampler``) and
   projected; every video token is prunable, budgets count image and video tokens together.
-- Vision stage (MustDrop's merge and key set): refused. A merge inside one tile's CLIP sequence is
-  well defined, but its result must then go through the packing: unpadding crops the tile grid at
-  rows or columns that can cut through a merge window, the newline rows interleave, and the
-  language model reads the packed order. The runtime's vision stage pads every tile back to its
-  patch count, which the packing would place as if they were patches (silently wrong), and
-  ``generate`` encodes images before prefill and drops ``image_sizes``, so at prefill nothing maps
-  a tile's merged tokens to placeholders by index. The released MustDrop code flattens the crops
-  (no unpadding, no newlines): a different input than the model's, so keep-all would no longer
-  be the unpatched model. MustDrop still runs its prefill filter and output-aware cache
-  (``vision="auto"``); ``vision=true`` is refused with ``vision_refusal``.
+- Vision stage (MustDrop's merge and key set): per tile, natively laid out. Each tile is one CLIP
+  sequence; the merge windows and the key set's CLS attention work inside it as on LLaVA-1.5
+  (windows never cross tiles, as in the released code, which runs each crop as its own sequence).
+  After the projector every tile gets its P patch rows back, each patch holding the token it
+  merged into (``VisionTower.spatial``), so the core's own ``pack_image_features`` (grid, unpad
+  crop, newline rows) runs on a coherent grid and keep-all is the unpatched model bit for bit.
+  ``image_sizes`` are read where the tower runs by an instance attribute over the core's
+  ``get_image_features`` (same signature; ``generate`` calls it before prefill; removed exactly on
+  exit): it runs the core's packing on an index probe, so every packed row is known as (tile,
+  patch), and records each packed image by its feature tensor. At prefill each (tile, merged
+  token) keeps one placeholder, the first packed row showing it that survived the crop; its other
+  rows leave before the first decoder layer (a token the crop removed entirely never appears);
+  newline rows stay, protected. The key set is the top ``key_ratio`` of an image's surviving
+  tokens by their tile's CLS attention. Budgets: in budget mode a tile of an image of n visual
+  tokens merges at most as many windows as leave it budget * P / n tokens. Video frames (NeXT-Video)
+  pass through the tower untouched (the stage acts only inside ``get_image_features``); the
+  prefill filter and the cache prune them.
+  The released code's flat layout (crops concatenated, no unpadding, no newlines) is not offered:
+  it feeds the language model a different input than the model's own packing, so even with nothing
+  merged it is not the unpatched model, and no setting could make that exact and testable against
+  it; the native layout keeps the model's input and merges inside each tile as the released code
+  does. Refused in one line at ``trim()`` (``vision=true``; ``auto`` skips the stage): a tower that
+  is not CLIP/SigLIP-like, several ``vision_feature_layer`` concatenated, a feature strategy that
+  does not match the tower (``default`` needs a CLS token, ``full`` none); a call of
+  ``get_image_features`` with another feature layer or strategy than the config's fails in one line.
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ class MustDrop(Method):
     the key set on families whose tower supports them and skips both elsewhere (recorded in
     ``stats.extra["mustdrop_vision_stage"]``); ``true`` refuses a family without support;
     ``false`` skips the merge (the key set still runs where the tower allows).
+    Tile families (LLaVA-NeXT, OneVision) merge inside each tile and keep one placeholder per merged
+    token that survives the core's unpad crop (see ``families/llava_next.py``).
     ``official`` reproduces the released code: every sample of a batch merges as
     many windows as the sample with the fewest, merged tokens first; otherwise each sample keeps
     its own count and raster order.
