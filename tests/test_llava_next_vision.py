@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import no_hooks
-from test_families import QUESTIONS, encode, greedy
+from test_families import QUESTIONS, encode, greedy, picture, prompt
 from test_llava_next import newline_rows, video_batch
 
 import vistrim
@@ -289,3 +289,31 @@ def test_video_frames_are_not_merged():
         expected = unpatched[0].gather(1, src[..., None].expand(-1, -1, unpatched[0].shape[-1]))
         assert torch.equal(seen[0][at], expected[at]), name
         assert torch.equal(family.layout(batch["input_ids"], batch).protected, newline_rows(model, batch))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_several_images_in_one_sample(name):
+    """Two images in one prompt (OneVision: base tiles only) and one in another: nothing merged is
+    the unpatched model; merged, each sample's first layer holds each image's distinct rows once."""
+    model, processor = FAMILIES[name].tiny(seed=0)
+    processor.tokenizer.padding_side = "left"
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is in the image ?"}]
+    texts = [
+        processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
+        prompt(processor, "describe the picture", True),
+    ]
+    images = [[picture((32, 32), 0), picture((40, 24), 1)], [picture((24, 40), 2)]]
+    batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    with torch.no_grad():
+        reference = model(**batch).logits
+    with vistrim.trim(model, "mustdrop", merge_threshold=2.0, alpha=0.0, beta=0.0), torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference)
+    with vistrim.trim(model, "mustdrop", prefill=False, decode=False, **MERGE) as session:
+        features = packed_features(model, batch)
+        with torch.no_grad():
+            model(**batch)
+    newline = family_for(model).core.image_newline
+    distinct = [int(torch.unique(f[~(f == newline).all(-1)], dim=0).shape[0]) for f in features]
+    assert session.stats.extra["mustdrop_visual_after_merge"] == distinct
+    assert sum(session.stats.extra["mustdrop_merged_windows"]) > 0
+    assert session.stats.prefill_visual()[0].tolist() == [distinct[0] + distinct[1], distinct[2]]
