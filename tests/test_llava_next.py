@@ -1,6 +1,6 @@
 """LLaVA-NeXT, NeXT-Video and OneVision beyond the family matrix: newline rows, several images per
-sample, videos (pixel values made by an image processor: video processors need torchvision) and
-the refused vision stage."""
+sample, videos (pixel values made by an image processor: video processors need torchvision); the
+vision stage's own invariants are in test_llava_next_vision.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from test_families import QUESTIONS, encode, greedy, picture, prompt
 from transformers import CLIPImageProcessorPil
 
 import vistrim
-from vistrim.errors import VistrimError
 from vistrim.families import FAMILIES, family_for
 
 NAMES = ("llava_next", "llava_next_video", "llava_onevision")
@@ -83,19 +82,18 @@ def test_pruning_never_drops_a_newline_row(built):
         assert bool((kept | ~layout.protected).all())
 
 
-def test_vision_stage_is_refused_and_auto_runs_the_language_model_stages(built):
+def test_vision_stage_runs_and_budgets_hold(built):
+    """MustDrop's vision stage runs on every tile family (tests/test_llava_next_vision.py has its
+    invariants); with it the layer-averaged budget still holds."""
     name, model, processor = built
     batch = encode(processor, QUESTIONS)
-    with pytest.raises(VistrimError, match="vision stage is not supported"):
-        with vistrim.trim(model, "mustdrop", vision=True):
-            pass
-    assert no_hooks(model)
-    with vistrim.trim(model, "mustdrop", budget=0.3) as session, torch.no_grad():
+    assert not FAMILIES[name].vision_refusal and not family_for(model).vision_stage_refusal()
+    with vistrim.trim(model, "mustdrop", vision=True, budget=0.3) as session, torch.no_grad():
         model(**batch)
-    assert session.stats.extra["mustdrop_vision_stage"] is False
+    assert session.stats.extra["mustdrop_vision_stage"] is True
     average, visual = session.stats.layer_average_mean(), float(session.stats.visual_in.double().mean())
     assert average == pytest.approx(0.3 * visual, abs=1.0)
-    assert FAMILIES[name].vision_refusal
+    assert no_hooks(model) and "get_image_features" not in family_for(model).core.__dict__
 
 
 def test_vision_sequences_count_the_tiles_the_tower_runs(built):
@@ -184,7 +182,8 @@ def test_video_keep_all_is_identical_and_budgets_count_video_tokens(name):
     with torch.no_grad():
         reference = model(**batch).logits
     reference_tokens = greedy(model, batch)
-    for method, settings in (("fastv", {"keep": 1.0}), ("mustdrop", {"alpha": 0.0, "beta": 0.0})):
+    keep_all = {"merge_threshold": 2.0, "alpha": 0.0, "beta": 0.0}  # the vision stage runs, merges nothing
+    for method, settings in (("fastv", {"keep": 1.0}), ("mustdrop", keep_all)):
         with vistrim.trim(model, method, **settings):
             with torch.no_grad():
                 assert torch.equal(model(**batch).logits, reference)

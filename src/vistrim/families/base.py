@@ -70,6 +70,15 @@ class VisionTower:
     ``grid`` (rows, cols) of patches; the projector turns the hidden states of ``feature_layer``
     (an index into the tower's hidden states, 0 = embeddings) into one language-model token per
     patch; an image enters the language model as ``rows`` placeholders.
+
+    Tile families, whose core packs the projected tiles itself (LLaVA-NeXT, OneVision), set
+    ``spatial``: after the projector each tile gets its ``rows`` patch rows back, every patch
+    holding its merged token, so the core's packing runs on a coherent grid (the default pads the
+    merged tokens at the end, for cores that place an image's rows as they come). ``wrap_encoder``
+    ``(session, stage)`` then installs, for the session, what maps the packed rows back to tiles
+    (e.g. an instance wrapper on the core's image encoder, ``runtime.vision.InstanceAttribute``,
+    that arms the stage with ``stage.encoding`` and records the packed features with
+    ``stage.remember``); the stage acts only inside it.
     """
 
     module: nn.Module
@@ -81,6 +90,8 @@ class VisionTower:
     projector: nn.Module
     rows: int
     encode: Callable  # (inputs: dict) -> list of per-image feature tensors (M_i, D), hooks active
+    spatial: bool = False
+    wrap_encoder: Callable | None = None  # (session, stage) -> None
 
     def attention(self, layer: int):
         """(q_proj, k_proj, num_heads, head_dim, scale) of tower layer ``layer``."""
@@ -317,6 +328,11 @@ class Family:
     def vision_tower(self) -> VisionTower:
         """The vision encoder for vision-stage methods, or a one-line refusal."""
         raise VistrimError(f"{self.name}: the vision stage is not supported ({self.vision_stage_refusal()})")
+
+    def image_placeholders(self, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """(B, n) the placeholders of images (visual and protected rows; not videos'), for a vision
+        stage that replaces each image's rows. Default: every placeholder of the layout."""
+        return layout.visual | layout.protected
 
     def encoded_features(self, inputs: dict, modality: str = "image") -> list[torch.Tensor] | None:
         """Per-image features ``generate`` encoded before prefill (``mm_encoder_outputs``)."""

@@ -11,26 +11,45 @@ anyres tiles, a Llama-shaped language model: Vicuna, Mistral without sliding win
   visual, never dropped).
 - Videos (NeXT-Video): each frame is one CLIP sequence, pooled 2x2 (``vision_resampler``) and
   projected; every video token is prunable, budgets count image and video tokens together.
-- Vision stage (MustDrop's merge and key set): refused. A merge inside one tile's CLIP sequence is
-  well defined, but its result must then go through the packing: unpadding crops the tile grid at
-  rows or columns that can cut through a merge window, the newline rows interleave, and the
-  language model reads the packed order. The runtime's vision stage pads every tile back to its
-  patch count, which the packing would place as if they were patches (silently wrong), and
-  ``generate`` encodes images before prefill and drops ``image_sizes``, so at prefill nothing maps
-  a tile's merged tokens to placeholders by index. The released MustDrop code flattens the crops
-  (no unpadding, no newlines): a different input than the model's, so keep-all would no longer
-  be the unpatched model. MustDrop still runs its prefill filter and output-aware cache
-  (``vision="auto"``); ``vision=true`` is refused with ``vision_refusal``.
+- Vision stage (MustDrop's merge and key set): per tile, natively laid out. Each tile is one CLIP
+  sequence; the merge windows and the key set's CLS attention work inside it as on LLaVA-1.5
+  (windows never cross tiles, as in the released code, which runs each crop as its own sequence).
+  After the projector every tile gets its P patch rows back, each patch holding the token it
+  merged into (``VisionTower.spatial``), so the core's own ``pack_image_features`` (grid, unpad
+  crop, newline rows) runs on a coherent grid and keep-all is the unpatched model bit for bit.
+  ``image_sizes`` are read where the tower runs by an instance attribute over the core's
+  ``get_image_features`` (same signature; ``generate`` calls it before prefill; removed exactly on
+  exit): it runs the core's packing on an index probe, so every packed row is known as (tile,
+  patch), and records each packed image by its feature tensor. At prefill each (tile, merged
+  token) keeps one placeholder, the first packed row showing it that survived the crop; its other
+  rows leave before the first decoder layer (a token the crop removed entirely never appears);
+  newline rows stay, protected. The key set is the top ``key_ratio`` of an image's surviving
+  tokens by their tile's CLS attention. Budgets: in budget mode a tile of an image of n visual
+  tokens merges at most as many windows as leave it budget * P / n tokens. Video frames (NeXT-Video)
+  pass through the tower untouched (the stage acts only inside ``get_image_features``); the
+  prefill filter and the cache prune them.
+  The released code's flat layout (crops concatenated, no unpadding, no newlines) is not offered:
+  it feeds the language model a different input than the model's own packing, so even with nothing
+  merged it is not the unpatched model, and no setting could make that exact and testable against
+  it; the native layout keeps the model's input and merges inside each tile as the released code
+  does. Refused in one line at ``trim()`` (``vision=true``; ``auto`` skips the stage): a tower that
+  is not CLIP/SigLIP-like, several ``vision_feature_layer`` concatenated, a feature strategy that
+  does not match the tower (``default`` needs a CLS token, ``full`` none); a call of
+  ``get_image_features`` with another feature layer or strategy than the config's fails in one line.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 
 import torch
 
 from ..errors import VistrimError
-from .base import Family, Layout, register
+from ..runtime.vision import InstanceAttribute, VisionRecord, exact_rows, index_probe, packed_rows
+from .base import Family, Layout, VisionTower, register
+from .llava import feature_index
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -55,11 +74,6 @@ class LlavaNext(Family):
         "image's tile grid (OneVision: also after each video), found from the model's own packing "
         "(pack_image_features run on a probe with the prompt's image_sizes, or the encoded features "
         "equal to image_newline when generate encoded the images before prefill)"
-    )
-    vision_refusal = (
-        "the core packs the tiles after the projector (unpadded to the image's aspect ratio, which can "
-        "cut through a merge window, a newline after each grid row) and generate drops image_sizes before "
-        "prefill, so tokens merged inside a tile have no exact place among the placeholders; set vision=false"
     )
 
     # ------------------------------------------------------------------ visual tokens
@@ -146,7 +160,7 @@ class LlavaNext(Family):
         prefix = int(hasattr(self.tower_model().embeddings, "class_embedding"))
         return side * side + prefix - int(self.config.vision_feature_select_strategy == "default")
 
-    def _pack(self, probe, sizes, newline):
+    def _pack(self, probe, sizes, newline, call: dict | None = None):
         return self.core.pack_image_features(
             probe,
             sizes,
@@ -169,6 +183,123 @@ class LlavaNext(Family):
     def tower_model(self):
         tower = self.core.vision_tower
         return getattr(tower, "vision_model", tower)
+
+    def image_placeholders(self, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
+        return (input_ids == int(self.config.image_token_id)) & (layout.visual | layout.protected)
+
+    # ------------------------------------------------------------------ vision stage
+    def vision_stage_refusal(self) -> str:
+        config, tower = self.config, self.tower_model()
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        if layers is None or not hasattr(tower, "embeddings") or not hasattr(layers[0], "self_attn"):
+            return f"it needs a CLIP- or SigLIP-like tower, this model's is {type(tower).__name__}"
+        if feature_index(config.vision_feature_layer, config.vision_config.num_hidden_layers) is None:
+            return "it needs a single vision_feature_layer (this model concatenates several)"
+        cls = hasattr(tower.embeddings, "class_embedding")
+        strategy = config.vision_feature_select_strategy
+        if (strategy == "default") != cls:
+            return (
+                "it needs vision_feature_select_strategy='default' on a tower with a CLS token and 'full' "
+                f"on one without (this model: {strategy!r}, {'a' if cls else 'no'} CLS token)"
+            )
+        return ""
+
+    def vision_tower(self) -> VisionTower:
+        refusal = self.vision_stage_refusal()
+        if refusal:
+            raise VistrimError(f"{self.name}: the vision stage is not supported ({refusal})")
+        config, tower = self.config, self.tower_model()
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        return VisionTower(
+            module=self.core.vision_tower,
+            layers=tower.encoder.layers,
+            config=vision,
+            grid=(side, side),
+            prefix=int(hasattr(tower.embeddings, "class_embedding")),
+            feature_layer=feature_index(config.vision_feature_layer, vision.num_hidden_layers),
+            projector=self.core.multi_modal_projector,
+            rows=side * side,
+            encode=self._encode,
+            spatial=True,
+            wrap_encoder=self._wrap_encoder,
+        )
+
+    # get_image_features arguments the core's forward passes on (OneVision adds batch_num_images)
+    _ENCODER_INPUTS = (
+        "pixel_values",
+        "image_sizes",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+    )
+
+    def _encode(self, inputs: dict) -> list[torch.Tensor]:
+        """The images of a forward call, encoded as the core would (through the session's wrapper)."""
+        kwargs = {name: inputs[name] for name in self._ENCODER_INPUTS if inputs.get(name) is not None}
+        return list(self.core.get_image_features(**kwargs, return_dict=True).pooler_output)
+
+    def _wrap_encoder(self, session, stage) -> None:
+        """An instance attribute over the core's ``get_image_features`` (for the session; the same
+        signature, so ``generate`` passes it the same arguments): it reads the tiles of each image
+        from ``image_sizes``, runs the core's packing on an index probe, arms the stage (sequences
+        of images whose grid the packing interpolates do not merge, base tiles excepted), calls the
+        core's own function and records each packed image: one placeholder per merged token."""
+        original = self.core.get_image_features
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            call = signature.bind(*args, **kwargs).arguments
+            self._check_encoder_call(call)
+            sizes = torch.as_tensor(call["image_sizes"]).cpu()
+            tiles = self.tiles({"image_sizes": sizes, "batch_num_images": call.get("batch_num_images")})
+            patches = stage.tower.rows
+            ids = self._pack(index_probe(tiles, patches), sizes, torch.zeros(2, dtype=torch.float64), call)
+            exact = [bool((exact_rows(rows) | (rows[:, 0] == 0)).all()) for rows in ids]
+            mergeable = torch.cat([torch.arange(n) < (n if ok else 1) for n, ok in zip(tiles, exact)])
+            visual = [int((rows[:, 0] != 0).sum()) for rows in ids]  # what a budget counts per image
+            counted = torch.tensor([v for v, n in zip(visual, tiles) for _ in range(n)])
+            with stage.encoding(mergeable, counted):
+                output = original(*args, **kwargs)
+                run = stage.last
+            packed = getattr(output, "pooler_output", None)
+            if run is not None and packed is not None and len(packed) == len(tiles):
+                records = self._packed_records(run, ids, mergeable, tiles, sizes, call, patches)
+                stage.remember(list(packed), records)
+            return output
+
+        session.add_handle(InstanceAttribute(self.core, "get_image_features", get_image_features))
+
+    def _check_encoder_call(self, call: dict) -> None:
+        config = self.config
+        for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+            value = call.get(name)
+            if value is not None and value != getattr(config, name):
+                raise VistrimError(
+                    f"{self.name}: the vision stage runs with the config's {name}="
+                    f"{getattr(config, name)!r}, not {value!r}"
+                )
+
+    def _packed_records(self, run, ids, mergeable, tiles, sizes, call, patches) -> list[VisionRecord]:
+        """Per packed image: its token rows, newline rows, and the importance of each row's token
+        (the run's per-patch importance put through the core's packing, interpolation included)."""
+        importance = None
+        if run.cls is not None:
+            probe = list(run.cls.detach().double().cpu()[..., None].split(tiles))
+            importance = self._pack(probe, sizes, torch.zeros(1, dtype=torch.float64), call)
+        patch_token = None if run.patch_token is None else run.patch_token.cpu()
+        records, start = [], 0
+        for image, count in enumerate(tiles):
+            valid, newline = packed_rows(ids[image], patch_token, mergeable, patches)
+            cls = None if importance is None else importance[image][:, 0].float().masked_fill(~valid, 0)[None]
+            merged = None if run.merged is None else run.merged[start : start + count].sum().reshape(1).cpu()
+            records.append(
+                VisionRecord(
+                    valid[None], cls, run.tokens_per_layer, merged, len(valid), protected=newline[None]
+                )
+            )
+            start += count
+        return records
 
     # ------------------------------------------------------------------ measurement
     def vision_sequences(self, inputs: dict) -> int:

@@ -8,9 +8,15 @@ without CLS, ``vision_feature_select_strategy="full"``, anyres tiles, Qwen2 lang
   followed by one newline. Newline rows are ``Layout.protected``.
 - Videos: every frame is one SigLIP sequence, projected and pooled 2x2; the core appends one
   ``image_newline`` after each video's frames: protected too; the frame tokens are prunable.
-- Vision stage: refused, as for LLaVA-NeXT (see ``families/llava_next.py``); the CLS-free importance
-  probe would be defined per tile, but the bilinear interpolation blends neighbouring patches
-  after the projector, so even the key set has no exact place in the packed image.
+- Vision stage: as LLaVA-NeXT's (``families/llava_next.py``), per SigLIP tile. SigLIP has no CLS
+  token: the key set's importance is the attention each patch receives in its tile at
+  ``key_layer``, averaged over every query and head (rebuilt from q and k). An image whose grid
+  the core interpolates (beyond anyres_max) merges only its base tile: an interpolated row blends
+  several patches, so a merged token would have no exact place; its interpolated rows are each
+  their own token, and their importance is the core's own interpolation of the per-patch
+  importance. Which images that is, the index probe tells (a row is an exact patch copy iff the
+  probe's id and squared-id channels agree). Samples with several images use base tiles only, each
+  merged. Video frames are not merged (the prefill filter and the cache prune them).
 """
 
 from __future__ import annotations
@@ -30,21 +36,18 @@ class LlavaOnevision(LlavaNext):
     name = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
     videos = True
-    vision_refusal = (
-        "the core packs the tiles after the projector (unpadded, which can cut through a merge window, "
-        "interpolated beyond anyres_max, a newline after each grid row) and generate drops image_sizes "
-        "before prefill, so tokens merged inside a tile have no exact place among the placeholders; "
-        "set vision=false"
-    )
+    _ENCODER_INPUTS = (*LlavaNext._ENCODER_INPUTS, "batch_num_images")
 
     def _video_newlines(self, length: int) -> torch.Tensor:
         """The core appends image_newline after each video's frames (get_video_features)."""
         return torch.arange(length) == length - 1
 
-    def _pack(self, probe, sizes, newline):
-        return self.core.pack_image_features(
-            probe, sizes, image_newline=newline, vision_aspect_ratio=self.config.vision_aspect_ratio
-        )[0]
+    def _pack(self, probe, sizes, newline, call: dict | None = None):
+        aspect = (call or {}).get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        packed = self.core.pack_image_features(
+            probe, sizes, image_newline=newline, vision_aspect_ratio=aspect
+        )
+        return packed[0]
 
     def tiles(self, inputs: dict) -> list[int]:
         """As get_image_features: only samples with a single image are cut into tiles."""

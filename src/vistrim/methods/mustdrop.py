@@ -44,6 +44,8 @@ class MustDrop(Method):
     the key set on families whose tower supports them and skips both elsewhere (recorded in
     ``stats.extra["mustdrop_vision_stage"]``); ``true`` refuses a family without support;
     ``false`` skips the merge (the key set still runs where the tower allows).
+    Tile families (LLaVA-NeXT, OneVision) merge inside each tile and keep one placeholder per merged
+    token that survives the core's unpad crop (see ``families/llava_next.py``).
     ``official`` reproduces the released code: every sample of a batch merges as
     many windows as the sample with the fewest, merged tokens first; otherwise each sample keeps
     its own count and raster order.
@@ -193,11 +195,16 @@ class MustDrop(Method):
         if found is None:  # no image, or encoded outside this session: the language-model stages still run
             return
         sizes = [int(record.valid[i].sum()) for record, i in found]
+        packed = all(r.protected is not None for r, _ in found)  # tile families: rows as packed
         notes = {}
         if self._needs_keys():
             keys = [key_tokens(r.cls[i : i + 1], r.valid[i : i + 1], self.key_ratio)[0] for r, i in found]
-            notes["key"] = [k[:n] for k, n in zip(keys, sizes)]
-        ctx.replace_images([f[:n] for f, n in zip(features, sizes)], notes)
+            notes["key"] = keys if packed else [k[:n] for k, n in zip(keys, sizes)]
+        if packed:
+            keep = [r.valid[i] | r.protected[i] for r, i in found]
+            ctx.replace_images(features, notes, keep=keep)
+        else:
+            ctx.replace_images([f[:n] for f, n in zip(features, sizes)], notes)
         stats, record = ctx.session.stats, found[0][0]
         stats.vision_tokens = record.tokens_per_layer
         stats.extra["mustdrop_visual_after_merge"] = sizes
@@ -211,17 +218,34 @@ class MustDrop(Method):
         rows, cols = tower.grid
         prefix = tower.prefix
         windows = grid_windows(rows, cols, self.window)
-        # In budget mode an image merges at most as many windows as still leave the budget's
-        # tokens (a merge removes window^2 - 1); the language-model stages drop the rest.
-        limit = None
-        if self.budget is not None:
-            patches = rows * cols
-            limit = int((patches - resolve_budget(self.budget, patches)) // (self.window**2 - 1))
+        grid_patches = rows * cols
 
-        def reduce(hidden: torch.Tensor):
+        def merge_limit(counted: torch.Tensor | None):
+            """In budget mode an image merges at most as many windows as still leave the budget's
+            tokens (a merge removes window^2 - 1); the language-model stages drop the rest. A tile
+            of an image of n tokens keeps its share, budget * P / n of them."""
+            if self.budget is None:
+                return None
+            merge = self.window**2 - 1
+            if counted is None:
+                return int((grid_patches - resolve_budget(self.budget, grid_patches)) // merge)
+            share = [resolve_budget(self.budget, int(n)) * grid_patches / max(1, int(n)) for n in counted]
+            return torch.tensor([int((grid_patches - s) // merge) for s in share])
+
+        def reduce(hidden: torch.Tensor, allowed: torch.Tensor | None, counted: torch.Tensor | None):
             head, patches = hidden[:, :prefix], hidden[:, prefix:]
             similarity = window_similarity(patches, windows)
-            plan = merge_plan(similarity, self.merge_threshold, same_count=self.official, limit=limit)
+            limit = merge_limit(counted)
+            if allowed is None:
+                plan = merge_plan(similarity, self.merge_threshold, same_count=self.official, limit=limit)
+            else:  # only some sequences may merge (official: equal counts over those)
+                plan = torch.zeros_like(similarity, dtype=torch.bool)
+                if bool(allowed.any()):
+                    if torch.is_tensor(limit):
+                        limit = limit.to(allowed.device)[allowed]
+                    plan[allowed] = merge_plan(
+                        similarity[allowed], self.merge_threshold, same_count=self.official, limit=limit
+                    )
             merged_first = self.official
             tokens, valid, source = merge_windows(
                 patches, windows, plan, similarity, merged_first=merged_first

@@ -31,22 +31,26 @@ def window_similarity(patches: torch.Tensor, windows: torch.Tensor) -> torch.Ten
 
 
 def merge_plan(
-    similarity: torch.Tensor, threshold: float, same_count: bool = False, limit: int | None = None
+    similarity: torch.Tensor,
+    threshold: float,
+    same_count: bool = False,
+    limit: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which windows merge: those with similarity >= threshold. (B, W) bool.
 
     ``same_count`` (the released code): every sample merges only its most similar windows, as many
-    as the sample with the fewest eligible windows has. ``limit``: at most that many per sample,
-    the most similar first.
+    as the sample with the fewest eligible windows has. ``limit`` (an int, or (B,) per sample): at
+    most that many per sample, the most similar first.
     """
     eligible = similarity >= threshold
-    if not same_count and (limit is None or limit >= similarity.shape[-1]):
+    lowest = None if limit is None else int(limit.min()) if torch.is_tensor(limit) else limit
+    if not same_count and (lowest is None or lowest >= similarity.shape[-1]):
         return eligible
     counts = eligible.sum(-1)
     if same_count:
         counts = counts.min().expand_as(counts)
     if limit is not None:
-        counts = counts.clamp(max=limit)
+        counts = torch.minimum(counts, torch.as_tensor(limit, device=counts.device))
     order = torch.argsort(
         similarity.masked_fill(~eligible, float("-inf")), dim=-1, descending=True, stable=True
     )

@@ -223,14 +223,25 @@ class Context:
         return self.cache_layer(self.layer if layer is None else layer).entry_notes[name].gather(1, index)
 
     def replace_images(
-        self, features: list[torch.Tensor], notes: dict[str, list[torch.Tensor]] | None = None
+        self,
+        features: list[torch.Tensor],
+        notes: dict[str, list[torch.Tensor]] | None = None,
+        keep: list[torch.Tensor] | None = None,
     ):
         """Vision stage: image i (the i-th run of visual placeholders, row-major) enters the
         language model as ``features[i]`` (M_i, D) instead of its N_i placeholder tokens. The first
         M_i placeholders carry the features, the others leave before the first decoder layer; the
         model's own image encoding is skipped. ``notes[name][i]`` (M_i,) are per-token notes that
         follow the tokens through the run.
+
+        With ``keep``, image i is the i-th image of ``Family.image_placeholders`` (its visual and
+        protected rows, e.g. newlines) and ``features[i]``, ``keep[i]`` and the notes have one row
+        per placeholder: each placeholder carries its row, those not kept leave before the first
+        decoder layer (protected rows must be kept). Other inputs (videos) stay as they are.
         """
+        if keep is not None:
+            self._replace_rows(features, notes or {}, keep)
+            return
         ids, layout = self.prompt_ids, self.layout
         placeholder = layout.visual
         per_row = (layout.item.max(-1).values + 1).clamp(min=0)  # images in each prompt
@@ -257,6 +268,39 @@ class Context:
             note[kept] = torch.cat(values).to(note.device)
             st.notes[name] = note
         self.state, self._entry_cut = st.cut(st.live & ~(placeholder & ~kept))
+
+    def _replace_rows(self, features, notes, keep) -> None:
+        ids, layout = self.prompt_ids, self.layout
+        where = self.session.adapter.image_placeholders(ids, layout)
+        item = layout.item
+        previous = torch.nn.functional.pad(item, (1, 0), value=-1)[:, :-1]
+        previous_where = torch.nn.functional.pad(where, (1, 0))[:, :-1]
+        first = where & ((item != previous) | ~previous_where)
+        image = (first.flatten().long().cumsum(0) - 1).view_as(ids)[where]  # row-major order
+        count = int(first.sum())
+        if count != len(features):
+            raise VistrimError(
+                f"the prompts hold placeholders of {count} images, but {len(features)} were encoded"
+            )
+        rows = torch.bincount(image, minlength=count).tolist()
+        if any(f.shape[0] != n or k.shape[0] != n for f, k, n in zip(features, keep, rows)):
+            raise VistrimError("an image's encoded rows do not match its placeholders in the prompt")
+        kept = torch.zeros_like(where)
+        kept[where] = torch.cat(keep).to(ids.device)
+        if bool((layout.protected & where & ~kept).any()):
+            raise VistrimError("a vision stage may not remove protected placeholders")
+        embeds = self.session.adapter.embed(ids)
+        embeds[where] = torch.cat(features).to(embeds.device, embeds.dtype)
+        others = {k: v for k, v in (self.inputs.get("mm_encoder_outputs") or {}).items() if k != "image"}
+        self.inputs.update(
+            inputs_embeds=embeds, input_ids=None, pixel_values=None, mm_encoder_outputs=others or None
+        )
+        st = self.state
+        for name, values in notes.items():
+            note = torch.zeros(ids.shape, dtype=values[0].dtype, device=ids.device)
+            note[where] = torch.cat(values).to(note.device)
+            st.notes[name] = note
+        self.state, self._entry_cut = st.cut(st.live & ~(where & layout.visual & ~kept))
 
     def keep_top(self, scores: torch.Tensor, counts: torch.Tensor) -> None:
         """Prefill: keep the ``counts`` (B,) highest-scoring live visual slots of each sample."""
