@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -440,6 +441,11 @@ def test_cli_runs_on_a_saved_folder(variant, tmp_path, capsys):
         )
         assert code == 0, (command, err)
         assert list(out_dir.glob("*.json")) and list(out_dir.glob("*.png")), command
+    # bench says what its FLOPs count: the tower only where bench has a formula for it
+    settings = json.loads((tmp_path / "bench" / "bench.json").read_text())["settings"]
+    tower_counted = family_for(model).flops_shape().vision_layers > 0
+    assert ("vision tower" in settings["flops_included"]) == tower_counted
+    assert ("decoder layers only" in settings["flops_included"]) != tower_counted
 
 
 # ---------------------------------------------------------------------- prompts that end with the image

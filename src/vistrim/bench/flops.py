@@ -12,6 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 INCLUDED = "decoder layers + vision tower (patch embedding and all encoder layers) + projector"
+DECODER_ONLY = "decoder layers only (no FLOPs formula for this family's tower)"
+
+
+def included(shape: FlopsShape) -> str:
+    """What the FLOPs of ``shape`` count: the tower too, or the decoder only."""
+    return INCLUDED if shape.vision_layers else DECODER_ONLY
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .batched import hook_share_spread
-from .flops import INCLUDED, FlopsShape, flops_ratio, prefill_flops
+from .flops import FlopsShape, flops_ratio, included, prefill_flops
 from .timing import spread
 
 MEMORY_NOTE = (
@@ -171,10 +171,10 @@ def aggregate(raw: dict, shape: FlopsShape, num_layers: int) -> list[dict]:
     return [base] + [config_row(raw, i, shape, base) for i in range(len(raw["configs"]))]
 
 
-def assemble(settings: dict, rows: list[dict], raw: dict) -> dict:
+def assemble(settings: dict, rows: list[dict], raw: dict, shape: FlopsShape) -> dict:
     """The ``bench.json`` document: full settings, aggregated rows, every raw number."""
     return {
-        "settings": {**settings, "flops_included": INCLUDED, "peak_memory_note": MEMORY_NOTE},
+        "settings": {**settings, "flops_included": included(shape), "peak_memory_note": MEMORY_NOTE},
         "rows": rows,
         "raw": raw,
     }

@@ -144,10 +144,11 @@ def bench(model, processor, methods, plan: BenchPlan, budgets=None) -> tuple[dic
             raw["capacity"]["capacity_run"] = fits  # what ran: the capacity, at most the prompt pool
             raw["capacity"]["timing"] = time_capacity(model, processor, pool, fits, configs, options, advance)
         raw["quality"] = quality_all(model, processor, items, configs, options, advance) if items else None
-    rows = aggregate(raw, family.flops_shape(), family.geometry.num_layers)
+    shape = family.flops_shape()
+    rows = aggregate(raw, shape, family.geometry.num_layers)
     settings = run_settings(model, plan, budgets, configs, items, options)
     settings["load_average"] = {"start": load_start, "end": os.getloadavg()}
-    document = assemble(settings, rows, raw)
+    document = assemble(settings, rows, raw, shape)
     if len(plan.batches) > 1 or plan.kv_budget is not None:
         document["throughput"] = throughput_rows([first, *raw["batches"]], raw["configs"])
     if plan.kv_budget is not None:
