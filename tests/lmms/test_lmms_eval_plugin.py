@@ -109,6 +109,15 @@ def answer_of(sample: dict) -> str:
     return response if isinstance(response, str) else response[0]
 
 
+def answer_one(model, processor, image, question: str) -> tuple[str, int]:
+    """vistrim's own greedy answer (as lmms-eval's task asks: 4 new tokens) and the prompt length."""
+    inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    length = inputs["input_ids"].shape[1]
+    return processor.batch_decode(output[:, length:], skip_special_tokens=True)[0], length
+
+
 @pytest.fixture(scope="module")
 def reference():
     """vistrim's own answers on the exported questions, one by one, per method."""
@@ -120,19 +129,8 @@ def reference():
         found = []
         with trim(model, method) as session:
             for item in items:
-                inputs = processor(
-                    images=[load_image(item.image_path)],
-                    text=[build_prompt(processor, item.question)],
-                    return_tensors="pt",
-                )
-                with torch.no_grad():
-                    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-                text = processor.batch_decode(
-                    output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-                )[0]
-                found.append(
-                    (normalize_answer(text), session.stats.layer_average_mean(), inputs["input_ids"].shape[1])
-                )
+                text, length = answer_one(model, processor, load_image(item.image_path), item.question)
+                found.append((normalize_answer(text), session.stats.layer_average_mean(), length))
         return found
 
     return items, answers
@@ -219,15 +217,8 @@ def test_shapes_task_exports_test_bed_2_questions_and_scores_them_per_type(tmp_p
     assert list(table["answer"]) == [item.answer for item in items]
 
     model, processor = load_model("testbed")
-    expected = []
-    for item in items:
-        inputs = processor(
-            images=[item.load_image()], text=[build_prompt(processor, item.question)], return_tensors="pt"
-        )
-        with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        text = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
-        expected.append(normalize_answer(text))
+    expected = [answer_one(model, processor, it.load_image(), it.question)[0] for it in items]
+    expected = [normalize_answer(text) for text in expected]
 
     out = tmp_path / "run"
     out.mkdir()
@@ -364,20 +355,9 @@ def own_answers(model, processor, method, count: int):
     found = []
     with trim(model, method) as session:
         for item in fixed_subset(load_split("test"), QUESTIONS, seed=0)[:count]:
-            inputs = processor(
-                images=[load_image(item.image_path)],
-                text=[build_prompt(processor, item.question)],
-                return_tensors="pt",
-            )
-            with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            text = processor.batch_decode(
-                output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-            )[0]
+            text, length = answer_one(model, processor, load_image(item.image_path), item.question)
             stats = session.stats
-            found.append(
-                (text, stats.layer_average_mean(), inputs["input_ids"].shape[1], int(stats.visual_in[0]))
-            )
+            found.append((text, stats.layer_average_mean(), length, int(stats.visual_in[0])))
     return found
 
 

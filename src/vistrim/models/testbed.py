@@ -70,7 +70,15 @@ def build_testbed(
     seed: int = 0, size: TestbedSize = TestbedSize(), attn_implementation: str = "sdpa"
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The untrained test-bed and its processor; weights are deterministic for a given ``seed``."""
-    processor = build_processor(size.image_size, size.patch_size, words=vocabulary())
+    return build_sized(size, vocabulary(), seed, attn_implementation, max_position_embeddings=512)
+
+
+def build_sized(
+    size, words: list[str], seed: int, attn_implementation: str, **text
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A stock LLaVA with a CLIP tower and a Llama language model of ``size``'s widths (either
+    test-bed's size dataclass) over a word-level vocabulary; ``text``: further Llama settings."""
+    processor = build_processor(size.image_size, size.patch_size, words=words)
     vision = CLIPVisionConfig(
         hidden_size=size.vision_hidden,
         intermediate_size=size.vision_intermediate,
@@ -90,7 +98,7 @@ def build_testbed(
         num_hidden_layers=size.text_layers,
         num_attention_heads=size.text_heads,
         num_key_value_heads=size.text_kv_heads,
-        max_position_embeddings=512,
+        **text,
     )
     return model, processor
 

@@ -1,8 +1,9 @@
 """Test-bed 2: a small stock LLaVA at LLaVA-1.5 token geometry, trained on small shapes on photos.
 
-576 visual tokens (336 px, patch 14 -> 24x24) and 16 decoder layers, so 64/128/192 layer-averaged
-budgets are reachable by single-cut and progressive methods alike; the answers depend on objects
-of a few patches each (``vistrim.data.shapes``), so which tokens a method keeps decides accuracy.
+The LLaVA-1.5 patch grid and at least 16 decoder layers (``Testbed2Size``'s defaults), so
+64/128/192 layer-averaged budgets are reachable by single-cut and progressive methods alike; the
+answers depend on objects of a few patches each (``vistrim.data.shapes``), so which tokens a
+method keeps decides accuracy.
 
 Architecture (``LlavaForConditionalGeneration``, nothing custom): CLIP vision tower (features
 from layer -2, ``default`` strategy: CLS dropped), two-layer GELU projector, Llama language model
@@ -18,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from ..data.shapes import IMAGE_SIZE, PATCH_SIZE, vocabulary
-from .testbed import load_testbed
-from .tiny import build_processor, llava_from_configs
+from .testbed import build_sized, load_testbed
 
 TESTBED2_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed2"
 
@@ -64,30 +64,14 @@ def build_testbed2(
     seed: int = 0, size: Testbed2Size = Testbed2Size(), attn_implementation: str = "sdpa"
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """The untrained test-bed 2 and its processor; weights are deterministic for a given ``seed``."""
-    processor = build_processor(size.image_size, size.patch_size, words=vocabulary())
-    vision = CLIPVisionConfig(
-        hidden_size=size.vision_hidden,
-        intermediate_size=size.vision_intermediate,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads,
-        image_size=size.image_size,
-        patch_size=size.patch_size,
-        projection_dim=size.vision_hidden,
-    )
-    model = llava_from_configs(
-        processor,
-        vision,
+    return build_sized(
+        size,
+        vocabulary(),
         seed,
         attn_implementation,
-        hidden_size=size.text_hidden,
-        intermediate_size=size.text_intermediate,
-        num_hidden_layers=size.text_layers,
-        num_attention_heads=size.text_heads,
-        num_key_value_heads=size.text_kv_heads,
         max_position_embeddings=1024,
         rope_theta=size.rope_theta,
     )
-    return model, processor
 
 
 def load_testbed2(
