@@ -239,21 +239,26 @@ def lm_batch(processor, packer: Packer, step: int, args):
     ]
     pixels = pixels_of(processor, [shapes.render(s) for s in scenes])
     grid = shapes.IMAGE_SIZE // shapes.PATCH_SIZE
-    # Where each question's evidence is: the share of every patch its objects cover (for a count,
-    # the centre patch of every counted object), normalised; questions without evidence are skipped.
+    # Where each question's evidence is: the share of every patch its objects cover, and the share
+    # left on the first token (the attention sink). A count looks at the centre patch of every
+    # counted object and at the sink with equal weight, so the sink's share (1 / (n + 1)) says n,
+    # 0 included; other questions put everything on their objects (skipped when there is none).
     evidence = []
     for b, (scene, items) in enumerate(zip(scenes, per_image)):
         cover = torch.from_numpy(shapes.patch_coverage(scene)).flatten(1).float()
         centres = centre_patches(scene, grid)
         for q, item in enumerate(items):
-            where = torch.zeros(cover.shape[1])
+            where, sink = torch.zeros(cover.shape[1]), 0.0
             for i in item.objects:
                 if item.qtype == "count":
                     where[centres[i]] += 1.0
                 else:
                     where += cover[i]
-            if where.sum() > 0:
-                evidence.append((b, q, where / where.sum()))
+            if item.qtype == "count":
+                sink = 1.0
+            total = float(where.sum()) + sink
+            if total > 0:
+                evidence.append((b, q, where / total, sink / total))
     return pixels, packer.pack(per_image), per_image, evidence
 
 
@@ -281,7 +286,8 @@ class Scaffold(nn.Module):
     is tiny; supervising where the *answer* position looks (attempt 1) did not help within 270 steps.
 
     1. look (layer ``look_layer``, heads ``0..heads-1``): the question's look-up word attends to the
-       evidence patches (cross-entropy over the visual tokens, rebuilt from q and k);
+       evidence patches (cross-entropy over every token it sees, rebuilt from q and k; a count's
+       target also puts one object's share on the first token, the sink, so its share says n);
     2. probe (a linear head on the input of layer ``probe_layer`` at the probed word) predicts the
        answer word: the looked-up attribute is there, decodable (as test-bed 1's match probe);
     3. route (layer ``route_layer``, heads ``0..heads-1``): the answer position attends to the probed
@@ -321,17 +327,23 @@ class Scaffold(nn.Module):
         ratio = model.config.text_config.num_attention_heads // model.config.text_config.num_key_value_heads
         where = {(b, q): a for b, q, *a in anchors}
         out = {}
-        # 1. look: the look-up word over the visual tokens
+        # 1. look: the look-up word over every token it sees (the softmax the layer computes: a
+        # target over the visual tokens alone would be met with the mass parked on the sink)
         q, k, scale = rebuilt_qk(model, hidden_states, self.look_layer, position_ids)
         visual = (input_ids[0] == image_id).nonzero()[:, 0]
-        rows = torch.tensor([b for b, _, _ in evidence])
-        at = torch.tensor([where[(b, qi)][0] for b, qi, _ in evidence])
+        rows = torch.tensor([e[0] for e in evidence])
+        at = torch.tensor([where[(e[0], e[1])][0] for e in evidence])
         queries = q[rows[:, None], heads[None], at[:, None]]  # (N, heads, D)
-        keys = k[rows][:, heads // ratio][:, :, visual]  # (N, heads, n_visual, D)
+        keys = k[rows][:, heads // ratio]  # (N, heads, T, D)
         logits = (queries[:, :, None] * keys).sum(-1) * scale
-        goal = torch.stack([t for _, _, t in evidence])[:, None]
-        out["look"] = -(goal * logits.log_softmax(-1)).sum(-1).mean()
-        with torch.no_grad():  # attention mass on the evidence patches (heads averaged)
+        visible = mask[rows, 0, at]  # (N, T)
+        logits = logits.masked_fill(~visible[:, None], torch.finfo(logits.dtype).min)
+        goal = torch.zeros(len(evidence), logits.shape[-1])
+        goal[:, visual] = torch.stack([e[2] for e in evidence])
+        goal[:, 0] = torch.tensor([e[3] for e in evidence])
+        goal = goal[:, None]
+        out["look"] = -(goal * logits.log_softmax(-1).clamp_min(-1e4)).sum(-1).mean()
+        with torch.no_grad():  # attention mass where the target puts it (heads averaged)
             out["look_mass"] = (logits.softmax(-1) * (goal > 0)).sum(-1).mean()
         # 2. probe: the answer word from the probed word's state
         rows = torch.tensor([a[0] for a in anchors])
@@ -611,7 +623,9 @@ separate random stream.
    once; 4-D mask and explicit positions make it the same computation as separate sequences).
    A training-only scaffold (discarded) supervises the two hops of every answer: the question's
    look-up word (the named kind, colour or side) attends to the evidence patches in heads
-   0-{args.scaffold_heads - 1} of layer {args.look_layer} (weight {args.look_weight}); a linear probe
+   0-{args.scaffold_heads - 1} of layer {args.look_layer} (weight {args.look_weight}; over every token
+   the word sees; a count's target is the counted objects' centre patches and the first token with
+   equal weights); a linear probe
    on the probed word's state predicts the answer (weight {args.probe_weight}); the answer position
    attends to that word in heads 0-{args.scaffold_heads - 1} of a middle layer (weight
    {args.route_weight}).

@@ -14,6 +14,8 @@ from PIL import Image
 from vistrim import VistrimError, build, trim
 from vistrim.cli.run import build_inputs
 from vistrim.families import family_for
+from vistrim.families.llava_next import LlavaNext
+from vistrim.families.llava_onevision import LlavaOnevision
 from vistrim.families.qwen2_vl import Qwen2VL
 from vistrim.ops.mustdrop import grid_windows, merge_plan, merge_windows, patch_tokens, window_similarity
 from vistrim.show import show
@@ -41,7 +43,8 @@ def check_picture(picture: Image.Image, record: dict) -> None:
     pixels = np.asarray(picture.convert("RGB")).astype(int)
     rows, cols = record["grid"]
     first, *panels = record["panels"]
-    assert first["kind"] == "input" and len(first["kept_cells"]) == rows * cols
+    used = set(first["kept_cells"])  # the input panel: every cell some token covers
+    assert first["kind"] == "input" and used
 
     def cell(box, index):
         x0, y0, x1, y1 = box
@@ -53,7 +56,7 @@ def check_picture(picture: Image.Image, record: dict) -> None:
         kept = set(panel["kept_cells"])
         for index in range(rows * cols):
             same = np.array_equal(cell(panel["box"], index), cell(first["box"], index))
-            assert same == (index in kept), (panel["label"], index)
+            assert same == (index in kept or index not in used), (panel["label"], index)
 
 
 def test_show_cli_png_and_json_match_session_stats(capsys, tiny, tmp_path):
@@ -131,8 +134,9 @@ def test_show_qwen_layout_follows_image_grid(size):
     image = Image.fromarray((np.random.default_rng(0).random((size[1], size[0], 3)) * 255).astype("uint8"))
     inputs = build_inputs(processor, image, "what color is the shape ?")
     t, h, w = inputs["image_grid_thw"][0].tolist()
-    rows, cols, cells = family_for(model).token_cells(inputs, 0)
-    assert (rows, cols) == (h // 2, w // 2) and rows * cols * t == cells.numel()
+    grid = family_for(model).token_cells(inputs, 0)
+    rows, cols = grid.rows, grid.cols
+    assert (rows, cols) == (h // 2, w // 2) and rows * cols * t == len(grid.cells) and not grid.tiles
     if size[0] != size[1]:
         assert rows != cols
     method = build("fastv", keep=0.5)
@@ -155,8 +159,9 @@ def test_default_token_cells_are_the_patch_grid_or_refused(tiny):
     pixels = torch.zeros(1, 3, size, size)
     side = size // model.config.vision_config.patch_size
     grid = {"input_ids": torch.tensor([[1] + [token] * side * side + [2]]), "pixel_values": pixels}
-    rows, cols, cells = family.token_cells(grid, 0)
-    assert (rows, cols) == (side, side) and cells.tolist() == list(range(side * side))
+    cells = family.token_cells(grid, 0)
+    assert (cells.rows, cells.cols) == (side, side) and cells.cells == [[k] for k in range(side * side)]
+    assert cells.tiles == ((0, 0, 0),) and cells.cell_pixels == model.config.vision_config.patch_size
     wrong = {"input_ids": torch.tensor([[1] + [token] * 10 + [2]]), "pixel_values": pixels}
     with pytest.raises(VistrimError, match="where the 10 visual tokens of an image lie on it is not known"):
         family.token_cells(wrong, 0)
@@ -210,3 +215,95 @@ def test_show_bad_input_is_one_line(capsys, tmp_path):
         "nope",
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown method 'nope'" in err
+
+
+TILE_FAMILIES = {"llava_next": LlavaNext, "llava_onevision": LlavaOnevision}
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("family_name", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("size", [(32, 32), (40, 24), (24, 40)])
+def test_tile_layouts_place_every_token_once(family_name, size):
+    """LLaVA-NeXT / OneVision: the base tile's cells on the left, the high-resolution tiles on the
+    right; newline rows cover nothing, one newline per high-resolution row; every cell some token
+    covers is covered once; exact copies cover one cell each (NeXT always, OneVision unless it
+    interpolates, where the grid's rows share its cells)."""
+    model, processor = TILE_FAMILIES[family_name].tiny()
+    family = family_for(model)
+    inputs = build_inputs(processor, random_image(*size), "what color is the shape ?")
+    grid = family.token_cells(inputs, 0)
+    layout = family.layout(inputs["input_ids"], inputs)
+    protected = layout.protected[0][layout.item[0] == 0]
+    assert len(grid.cells) == len(protected)
+    assert all(not cells for cells, newline in zip(grid.cells, protected) if newline)
+    assert all(cells for cells, newline in zip(grid.cells, protected) if not newline)
+    covered = [c for cells in grid.cells for c in cells]
+    assert len(covered) == len(set(covered))
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    base = {r * grid.cols + c for r in range(side) for c in range(side)}
+    assert base <= set(covered)  # the whole base tile
+    high = sorted(set(covered) - base)
+    assert all(c % grid.cols > side for c in high)  # right of the gap column
+    high_rows = {c // grid.cols for c in high}
+    interpolated = any(len(cells) > 1 for cells in grid.cells)
+    assert interpolated == (family_name == "llava_onevision" and size == (32, 32))
+    if not interpolated:  # the unpad crop keeps a rectangle of whole rows, a newline after each
+        assert int(protected.sum()) == len(high_rows)
+        cols_used = {c % grid.cols for c in high}
+        assert len(high) == len(high_rows) * len(cols_used)
+        if size[0] > size[1]:
+            assert len(cols_used) > len(high_rows)
+        elif size[0] < size[1]:
+            assert len(cols_used) < len(high_rows)
+    assert [entry for entry, _, _ in grid.tiles] == list(range(family.tiles(inputs)[0]))
+
+
+@pytest.mark.parametrize("family_name", ["llava_next", "llava_onevision"])
+def test_show_tile_layouts_match_session_stats(family_name):
+    model, processor = TILE_FAMILIES[family_name].tiny()
+    image = random_image(40, 24, seed=2)
+    method = build("fastv", keep=0.5)
+    inputs = build_inputs(processor, image, "what color is the shape ?")
+    shown = show(model, processor, inputs, image, method, max_new_tokens=2)
+    record = shown.record()
+    kept, counts = reference_tokens(model, processor, image, method)
+    prefill = [p for p in record["panels"] if p["kind"] == "prefill"]
+    for panel in prefill:
+        for layer in range(panel["layers"][0], panel["layers"][1] + 1):
+            assert panel["kept_tokens"] == kept[layer] and len(kept[layer]) == int(counts[layer])
+    assert record["picture_tokens"] == int(counts[0]) and "high-resolution tiles" in record["note"]
+    check_picture(shown.picture, record)
+
+
+@pytest.mark.parametrize("family_name", ["llava_next", "llava_onevision"])
+def test_show_tile_layouts_mark_mustdrop_merges_per_tile(family_name):
+    """MustDrop's vision stage on tiles: each merged token covers the cells of every row showing it,
+    tokens entering layer 0 cover every picture cell once, merged windows stay inside one tile."""
+    model, processor = TILE_FAMILIES[family_name].tiny()
+    image = random_image(40, 24, seed=4)
+    method = build("mustdrop", window=2, merge_threshold=0.0)
+    inputs = build_inputs(processor, image, "what color is the shape ?")
+    shown = show(model, processor, inputs, image, method, max_new_tokens=2)
+    record = shown.record()
+    kept, counts = reference_tokens(model, processor, image, method)
+    tm = shown.token_map
+    entering = [k for k, cells in enumerate(tm.cells) if cells]
+    assert len(entering) == int(counts[0]) < record["picture_tokens"]
+    covered = sorted(c for cells in tm.cells for c in cells)
+    assert covered == sorted(tm.used) and len(covered) == len(set(covered))
+    assert record["merged_tokens"] and all(len(cells) > 1 for cells in record["merged_tokens"])
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+
+    def tile(cell):
+        r, c = divmod(cell, tm.cols)
+        return (0, 0) if c < side else (r // side, (c - side - 1) // side + 1)
+
+    assert all(len({tile(c) for c in cells}) == 1 for cells in record["merged_tokens"])
+    assert record["key_tokens"] and all(tm.cells[k] for k in record["key_tokens"])
+    for panel in (p for p in record["panels"] if p["kind"] == "prefill"):
+        for layer in range(panel["layers"][0], panel["layers"][1] + 1):
+            assert panel["kept_tokens"] == kept[layer]
+    check_picture(shown.picture, record)

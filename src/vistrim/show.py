@@ -1,12 +1,15 @@
 """A picture of what a method keeps: the visual tokens each decoder layer processed, on the image.
 
 The picture the model saw is cut into its family's token grid (``Family.token_cells``: the tower's
-patch grid for LLaVA, the merged patch grid for Qwen2-VL). One panel per run of consecutive layers
-that processed the same visual tokens in prefill, dropped cells dimmed; for methods that evict
-while decoding (ST³'s annealing, MustDrop's cache stage) a second group of panels shows what each
-layer's cache held after the last step. MustDrop's merged windows (several cells, one token) are
-outlined and its key set is marked with a dot. ``show`` returns the picture and a plain record of
-every panel (layers, kept tokens and cells, pixel box) that ``vistrim show`` writes next to it.
+patch grid for LLaVA, the merged patch grid for Qwen2-VL, the base tile beside the stitched
+high-resolution tiles for LLaVA-NeXT and OneVision, newline rows left out). One panel per run of
+consecutive layers that processed the same visual tokens in prefill, dropped cells dimmed; for
+methods that evict while decoding (ST³'s annealing, MustDrop's cache stage) a second group of
+panels shows what each layer's cache held after the last step. MustDrop's merged windows (several
+cells, one token) are outlined and its key set is marked with a dot; cells no token covers (the
+padding an unpad crop removed, the gap between views) fade to white. ``show`` returns the picture
+and a plain record of every panel (layers, kept tokens and cells, pixel box) that ``vistrim show``
+writes next to it.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from .api import trim
 from .compat import output_cache
 from .errors import VistrimError
 from .families import family_for
+from .families.base import TokenCells
 
 PANEL_PIXELS = 192  # a panel's longer side, before rounding to whole cells
 DIM = (24, 24, 32)  # dropped cells are blended towards this colour
 DIM_ALPHA = 0.75
+BLANK_ALPHA = 0.85  # cells no token covers (cropped padding, the gap between views) fade to white
 MERGED = (255, 200, 0)
 KEY = (230, 30, 60)
 
@@ -39,6 +44,9 @@ class TokenMap:
     positions: list[int]  # prompt position of each placeholder of the image, in order
     cells: list[list[int]]  # per placeholder, the raster indices of the cells it covers
     key: list[bool]  # per placeholder, whether it is in a protected key set
+    merged: list[bool] = field(default_factory=list)  # per placeholder, a token a vision stage merged
+    note: str = ""  # how the grid is laid out, when it holds several views (LLaVA-NeXT)
+    tokens: int = 0  # picture tokens of the image as the processor placed them (newline rows excluded)
 
     def cells_of(self, positions) -> list[int]:
         index = {p: k for k, p in enumerate(self.positions)}
@@ -47,6 +55,11 @@ class TokenMap:
     def tokens_of(self, positions) -> list[int]:
         index = {p: k for k, p in enumerate(self.positions)}
         return sorted(index[int(p)] for p in positions)
+
+    @property
+    def used(self) -> set[int]:
+        """Cells some token covers (the rest: padding the processor cropped, the gap between views)."""
+        return {c for cells in self.cells for c in cells}
 
 
 @dataclass
@@ -74,7 +87,9 @@ class Shown:
             "answer": self.answer,
             "grid": [tm.rows, tm.cols],
             "visual_tokens": len(tm.positions),
-            "merged_tokens": [cells for cells in tm.cells if len(cells) > 1],
+            "picture_tokens": tm.tokens,
+            "merged_tokens": [cells for cells, merged in zip(tm.cells, tm.merged) if merged],
+            "note": tm.note,
             "key_tokens": [k for k, key in enumerate(tm.key) if key],
             "panels": [
                 {
@@ -91,41 +106,64 @@ class Shown:
         }
 
 
-def token_map(family, inputs: dict, stats) -> TokenMap:
+def token_map(family, inputs: dict, stats) -> tuple[TokenMap, TokenCells]:
     """Placeholders of the single image of a one-prompt batch and the cells they cover."""
     input_ids = inputs["input_ids"]
     layout = family.layout(input_ids, inputs)
     if input_ids.shape[0] != 1 or int(layout.item.max()) != 0:
         raise VistrimError("show needs one prompt with one image")
-    rows, cols, cell = family.token_cells(inputs, 0)
+    grid = family.token_cells(inputs, 0)
     positions = (layout.item[0] == 0).nonzero().squeeze(-1).tolist()
+    if len(grid.cells) != len(positions):
+        raise VistrimError(f"{family.name}: {len(grid.cells)} token cells for {len(positions)} placeholders")
+    cells = [list(c) for c in grid.cells]
+    tokens = sum(1 for c in cells if c)
+    merged = [False] * len(positions)
     if stats.vision_patch_tokens:  # a vision stage merged patches: token k covers several cells
         patch_token = stats.vision_patch_tokens[0].tolist()
-        if len(patch_token) != rows * cols:
+        if len(patch_token) != grid.rows * grid.cols or any(c != [k] for k, c in enumerate(cells)):
             raise VistrimError(
                 f"{family.name}: the tower's {len(patch_token)} patches are not the token grid"
             )
-        cells: list[list[int]] = [[] for _ in positions]
+        cells = [[] for _ in positions]
         for patch, token in enumerate(patch_token):
             cells[token].append(patch)
-    else:
-        cells = [[int(c)] for c in cell]
+        merged = [len(c) > 1 for c in cells]
+    elif stats.vision_row_tokens:  # tile families: rows showing one merged token are one token
+        shown = stats.vision_row_tokens[0].tolist()
+        first: dict[int, int] = {}
+        for k, token in enumerate(shown):
+            if token < 0 or token not in first:
+                first.setdefault(token, k)
+                continue
+            cells[first[token]] += cells[k]
+            cells[k] = []
+            merged[first[token]] = True
     key = [False] * len(positions)
     if stats.key_tokens:
         for k, flag in enumerate(stats.key_tokens[0].tolist()):
             key[k] = bool(flag)
-    return TokenMap(rows, cols, positions, cells, key)
+    return TokenMap(grid.rows, grid.cols, positions, cells, key, merged, grid.note, tokens), grid
 
 
-def seen_picture(inputs: dict, processor, image: Image.Image) -> Image.Image:
-    """The picture as the tower saw it: de-normalised pixel values where they are one (C, H, W)
-    tensor per image (resize and crop included); else the image itself (processors that resize
-    without cropping, e.g. Qwen2-VL's, whose token grid spans the whole image)."""
+def seen_picture(inputs: dict, processor, image: Image.Image, grid: TokenCells) -> Image.Image:
+    """The picture as the tower saw it: the de-normalised tiles of ``pixel_values`` stitched as
+    ``grid.tiles`` says (resize, crop and padding included); else the image itself (processors that
+    resize without cropping, e.g. Qwen2-VL's, whose token grid spans the whole image)."""
     pixels = inputs.get("pixel_values")
     image_processor = getattr(processor, "image_processor", None)
-    if pixels is None or pixels.dim() != 4 or image_processor is None:
+    if pixels is None or not grid.tiles or image_processor is None or pixels.dim() not in (4, 5):
         return image.convert("RGB")
-    x = pixels[0].detach().float().cpu()
+    step = grid.cell_pixels
+    canvas = Image.new("RGB", (grid.cols * step, grid.rows * step), "white")
+    for entry, top, left in grid.tiles:
+        tile = pixels[entry] if pixels.dim() == 4 else pixels[0, entry]
+        canvas.paste(_denormalised(tile, image_processor), (left * step, top * step))
+    return canvas
+
+
+def _denormalised(pixels: torch.Tensor, image_processor) -> Image.Image:
+    x = pixels.detach().float().cpu()
     if getattr(image_processor, "do_normalize", True):
         mean = torch.tensor(image_processor.image_mean, dtype=x.dtype)[:, None, None]
         std = torch.tensor(image_processor.image_std, dtype=x.dtype)[:, None, None]
@@ -155,19 +193,18 @@ def show(
     stats = session.stats
     if stats.num_layers == 0:
         raise VistrimError("the prompt holds no image token")
-    tm = token_map(family, inputs, stats)
+    tm, grid = token_map(family, inputs, stats)
     prompt_len = inputs["input_ids"].shape[1]
     answer = processor.batch_decode(output.sequences[:, prompt_len:], skip_special_tokens=True)[0].strip()
     prefill = [stats.kept_positions(layer)[0].tolist() for layer in range(stats.num_layers)]
     cache = [_cache_positions(layer) for layer in output_cache(output).layers]
-    panels = [
-        Panel("input", (0, stats.num_layers - 1), list(range(len(tm.positions))), tm.cells_of(tm.positions))
-    ]
+    picture_rows = [k for k, cells in enumerate(grid.cells) if cells]
+    panels = [Panel("input", (0, stats.num_layers - 1), picture_rows, sorted(tm.used))]
     panels += _panels("prefill", prefill, tm, max_panels)
     if any(sorted(c) != sorted(p) for c, p in zip(cache, prefill)):
         panels += _panels("cache", cache, tm, max_panels)
     title = f"{_short(method)} on {family.name}\nanswer: {answer or '(empty)'}"
-    picture = draw(seen_picture(inputs, processor, image), tm, panels, title, stats.decode_steps)
+    picture = draw(seen_picture(inputs, processor, image, grid), tm, panels, title, stats.decode_steps)
     return Shown(picture, answer, tm, panels, stats.summary())
 
 
@@ -218,8 +255,8 @@ def draw(seen: Image.Image, tm: TokenMap, panels: list[Panel], title: str, steps
     sections = [s for s in sections if s]
     grid_rows = sum(math.ceil(len(s) / per_row) for s in sections)
     canvas_w = max(margin + min(per_row, max(map(len, sections))) * (width + margin), 420)
-    lines = [w for line in title.splitlines() for w in textwrap.wrap(line, canvas_w // 8) or [""]]
-    lines += [_legend(tm)] if _legend(tm) else []
+    text = title + (f"\n{_legend(tm)}" if _legend(tm) else "")
+    lines = [w for line in text.splitlines() for w in textwrap.wrap(line, canvas_w // 8) or [""]]
     title_h = 12 + 18 * len(lines)
     canvas = Image.new(
         "RGB",
@@ -242,7 +279,7 @@ def draw(seen: Image.Image, tm: TokenMap, panels: list[Panel], title: str, steps
                 x = margin + column * (width + margin)
                 canvas.paste(_panel_image(base, tm, panel, cell), (x, y))
                 panel.box = (x, y, x + width, y + height)
-                panel.label = _label(panel, len(tm.positions))
+                panel.label = _label(panel, tm.tokens)
                 pen.text((x, y + height + 4), panel.label, fill="black", font=small)
             y += height + label_h + margin
     return canvas
@@ -257,8 +294,10 @@ def _label(panel: Panel, total: int) -> str:
 
 
 def _legend(tm: TokenMap) -> str:
-    parts = []
-    if any(len(c) > 1 for c in tm.cells):
+    parts = [tm.note] if tm.note else []
+    if len(tm.used) < tm.rows * tm.cols:
+        parts.append("white: no token")
+    if any(tm.merged):
         parts.append("box: merged window (one token)")
     if any(tm.key):
         parts.append("dot: key token")
@@ -267,20 +306,21 @@ def _legend(tm: TokenMap) -> str:
 
 def _panel_image(base: Image.Image, tm: TokenMap, panel: Panel, cell: int) -> Image.Image:
     image = base.copy()
-    kept = set(panel.cells)
-    dim = Image.new("RGB", (cell, cell), DIM)
+    kept, used = set(panel.cells), tm.used
+    dim, blank = Image.new("RGB", (cell, cell), DIM), Image.new("RGB", (cell, cell), "white")
     for index in range(tm.rows * tm.cols):
         if index in kept:
             continue
         r, c = divmod(index, tm.cols)
         box = (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)
-        image.paste(Image.blend(image.crop(box), dim, DIM_ALPHA), box[:2])
+        shade, alpha = (dim, DIM_ALPHA) if index in used else (blank, BLANK_ALPHA)
+        image.paste(Image.blend(image.crop(box), shade, alpha), box[:2])
     pen = ImageDraw.Draw(image)
-    for cells, key in zip(tm.cells, tm.key):
-        if not cells:  # a placeholder left empty by a vision-stage merge
+    for cells, key, merged in zip(tm.cells, tm.key, tm.merged):
+        if not cells:  # a newline row, or a placeholder left empty by a vision-stage merge
             continue
         rows, cols = zip(*(divmod(i, tm.cols) for i in cells))
-        if len(cells) > 1:
+        if merged:
             pen.rectangle(
                 (min(cols) * cell, min(rows) * cell, (max(cols) + 1) * cell - 1, (max(rows) + 1) * cell - 1),
                 outline=MERGED,

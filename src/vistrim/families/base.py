@@ -63,6 +63,27 @@ class Layout:
 
 
 @dataclass
+class TokenCells:
+    """Where the visual tokens of one image lie on the picture the model saw (``vistrim show``).
+
+    The picture is cut into a ``rows`` x ``cols`` grid of cells; ``cells[k]`` lists the raster
+    indices of the cells placeholder ``k`` of the image (prompt order) covers, empty for rows that
+    are no part of the picture (LLaVA-NeXT's newline rows). ``tiles`` says how the picture is
+    stitched from the image's ``pixel_values`` entries: ``(entry, top, left)`` per tower tile, in
+    cells, ``cell_pixels`` pixels of the tile per cell (the patch size); empty: the image itself
+    spans the grid (a processor that resizes without cropping). ``entry`` indexes
+    ``pixel_values`` (N, C, H, W), or the image's own tiles of (N, T, C, H, W). ``note`` explains a
+    layout of several views."""
+
+    rows: int
+    cols: int
+    cells: list[list[int]]
+    tiles: tuple[tuple[int, int, int], ...] = ()
+    cell_pixels: int = 0
+    note: str = ""
+
+
+@dataclass
 class VisionTower:
     """What a vision-stage method (MustDrop's merge) needs from a family's vision encoder.
 
@@ -203,14 +224,13 @@ class Family:
         placeholder = torch.isin(input_ids, ids)
         return Layout(placeholder, torch.zeros_like(placeholder), runs(placeholder))
 
-    def token_cells(self, inputs: dict, image: int) -> tuple[int, int, torch.Tensor]:
+    def token_cells(self, inputs: dict, image: int) -> TokenCells:
         """Where the visual tokens of image ``image`` (the ``image``-th run of placeholders,
-        row-major over the batch) lie on the picture the model saw: ``(rows, cols, cell)``, ``cell``
-        (N,) the raster index in a rows x cols grid over the picture of each of the image's N
-        placeholders, in prompt order. Default (LLaVA-1.5): one token per tower patch of the image's
-        own (C, H, W) entry of ``pixel_values``, in raster order; it is refused in one line unless
-        every run has such an entry and the counts match (tiles, row breaks, merged or shuffled
-        patches need the family's own override, as Qwen2-VL's)."""
+        row-major over the batch) lie on the picture the model saw. Default (LLaVA-1.5): one token
+        per tower patch of the image's own (C, H, W) entry of ``pixel_values``, in raster order; it
+        is refused in one line unless every run has such an entry and the counts match (tiles, row
+        breaks, merged or shuffled patches need the family's own override, as LLaVA-NeXT's and
+        Qwen2-VL's)."""
         layout = self.layout(inputs["input_ids"], inputs)
         count = image_token_count(layout, image)
         pixels = inputs.get("pixel_values")
@@ -219,7 +239,7 @@ class Family:
         if pixels is not None and pixels.dim() == 4 and isinstance(patch, int) and runs == pixels.shape[0]:
             rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
             if rows * cols == count:
-                return rows, cols, torch.arange(count)
+                return TokenCells(rows, cols, [[k] for k in range(count)], ((image, 0, 0),), patch)
         raise VistrimError(f"{self.name}: where the {count} visual tokens of an image lie on it is not known")
 
     def has_visual_inputs(self, inputs: dict) -> bool:

@@ -48,7 +48,7 @@ import torch
 
 from ..errors import VistrimError
 from ..runtime.vision import InstanceAttribute, VisionRecord, exact_rows, index_probe, packed_rows
-from .base import Family, Layout, VisionTower, register
+from .base import Family, Layout, TokenCells, VisionTower, image_token_count, register
 from .llava import feature_index
 
 CHAT_TEMPLATE = (
@@ -180,6 +180,66 @@ class LlavaNext(Family):
             for size in torch.as_tensor(inputs["image_sizes"]).cpu()
         ]
 
+    def token_cells(self, inputs: dict, image: int) -> TokenCells:
+        """Two views side by side, one cell per tower patch: the base tile (the whole image at
+        tile size) on the left, the high-resolution tiles stitched into their grid on the right.
+        Each packed row is placed by the core's own packing run on a coordinate probe (every patch
+        carries its cell's row and column; newlines stay zero), so the unpad crop and OneVision's
+        interpolation place rows as they place features. Rows that are exact copies of one patch
+        cover its cell; the rows of an interpolated grid share its cells, nearest row first."""
+        if inputs.get("pixel_values_videos") is not None:
+            raise VistrimError(f"{self.name}: token cells are known for image-only prompts")
+        if inputs.get("pixel_values") is None or inputs.get("image_sizes") is None:
+            raise VistrimError(f"{self.name}: token cells need pixel_values and image_sizes")
+        layout = self.layout(inputs["input_ids"], inputs)
+        count = image_token_count(layout, image)
+        tiles = self.tiles(inputs)
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if self._tile_rows() != side * side:
+            raise VistrimError(f"{self.name}: a tile's feature rows are not its patch grid (CLS kept)")
+        sizes = torch.as_tensor(inputs["image_sizes"]).cpu()
+        shape = sys.modules[type(self.core).__module__].get_anyres_image_grid_shape
+        if tiles[image] > 1:
+            high, wide = shape(sizes[image].tolist(), self.config.image_grid_pinpoints, vision.image_size)
+        else:  # a sample of several images (OneVision): the base tile alone
+            high, wide = 0, 0
+        left = side + 1 if high else 0  # one empty column between the views
+        rows, cols = max(side, high * side), left + wide * side
+        r = torch.arange(side * side, dtype=torch.float64).div(side, rounding_mode="floor")
+        c = torch.arange(side * side, dtype=torch.float64) % side
+        # (top, left) in cells of every tile: the base tile, then the others in raster order
+        placed = [(0, 0)] + [(t // wide * side, left + t % wide * side) for t in range(tiles[image] - 1)]
+        probe = [torch.zeros(n, side * side, 3, dtype=torch.float64) for n in tiles]
+        for t, (top, first) in enumerate(placed):
+            probe[image][t] = torch.stack([r + top, c + first, torch.ones_like(r)], -1)
+        packed = self._pack(probe, sizes, torch.zeros(3, dtype=torch.float64))[image]
+        if len(packed) != count:
+            raise VistrimError(f"{self.name}: image {image} has {count} tokens, its packing {len(packed)}")
+        y, x, mark = packed.unbind(-1)
+        real = mark > 0.5
+        exact = real & (y == y.round()) & (x == x.round())
+        cells: list[list[int]] = [[] for _ in range(count)]
+        for k in exact.nonzero().squeeze(-1).tolist():
+            cells[k].append(int(y[k]) * cols + int(x[k]))
+        blended = (real & ~exact).nonzero().squeeze(-1)
+        if len(blended):  # an interpolated grid: its cells go to the nearest of its rows
+            ys, xs = y[blended] / mark[blended], x[blended] / mark[blended]
+            taken = {cell for row in cells for cell in row}
+            area = [
+                (i, j)
+                for i in range(int(ys.min().floor()), int(ys.max().ceil()) + 1)
+                for j in range(int(xs.min().floor()), int(xs.max().ceil()) + 1)
+                if j >= left and i * cols + j not in taken
+            ]
+            points = torch.tensor(area, dtype=torch.float64)
+            distance = (points[:, None, 0] - ys) ** 2 + (points[:, None, 1] - xs) ** 2
+            for (i, j), nearest in zip(area, distance.argmin(-1).tolist()):
+                cells[int(blended[nearest])].append(i * cols + j)
+        note = "left: the whole image (base tile); right: the high-resolution tiles" if high else ""
+        placed_tiles = tuple((t, top, first) for t, (top, first) in enumerate(placed))
+        return TokenCells(rows, cols, cells, placed_tiles, vision.patch_size, note)
+
     def tower_model(self):
         tower = self.core.vision_tower
         return getattr(tower, "vision_model", tower)
@@ -290,12 +350,18 @@ class LlavaNext(Family):
         patch_token = None if run.patch_token is None else run.patch_token.cpu()
         records, start = [], 0
         for image, count in enumerate(tiles):
-            valid, newline = packed_rows(ids[image], patch_token, mergeable, patches)
+            valid, newline, shown = packed_rows(ids[image], patch_token, mergeable, patches)
             cls = None if importance is None else importance[image][:, 0].float().masked_fill(~valid, 0)[None]
             merged = None if run.merged is None else run.merged[start : start + count].sum().reshape(1).cpu()
             records.append(
                 VisionRecord(
-                    valid[None], cls, run.tokens_per_layer, merged, len(valid), protected=newline[None]
+                    valid[None],
+                    cls,
+                    run.tokens_per_layer,
+                    merged,
+                    len(valid),
+                    protected=newline[None],
+                    row_token=shown[None],
                 )
             )
             start += count

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import VistrimError
-from .base import Family, image_token_count, register
+from .base import Family, TokenCells, image_token_count, register
 
 PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 CHAT_TEMPLATE = (
@@ -81,7 +81,7 @@ class Qwen2VL(Family):
         count = image_token_count(self.layout(inputs["input_ids"], inputs), image)
         if count != t * rows * cols:
             raise VistrimError(f"{self.name}: image {image} has {count} tokens, its grid {t}x{rows}x{cols}")
-        return rows, cols, torch.arange(count) % (rows * cols)
+        return TokenCells(rows, cols, [[k % (rows * cols)] for k in range(count)])
 
     @classmethod
     def tiny_variants(cls):

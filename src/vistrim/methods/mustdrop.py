@@ -212,6 +212,8 @@ class MustDrop(Method):
         stats.extra["mustdrop_key_tokens"] = [int(k.sum()) for k in notes.get("key", [])]
         if all(r.patch_token is not None for r, _ in found):
             stats.vision_patch_tokens = [r.patch_token[i] for r, i in found]
+        elif stage.reducer is not None and all(r.row_token is not None for r, _ in found):
+            stats.vision_row_tokens = [r.row_token[i] for r, i in found]
         stats.key_tokens = notes.get("key")
 
     def _reducer(self, tower):

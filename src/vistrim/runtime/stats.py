@@ -47,6 +47,9 @@ class RunStats:
     # Per image, when a vision stage reduced its tokens: (P,) index of the token (among the image's
     # tokens entering the language model) each tower patch went into; None otherwise.
     vision_patch_tokens: list[torch.Tensor] | None = None
+    # Per image of a tile family (LLaVA-NeXT, OneVision), when a vision stage merged: (L,) the merged
+    # token each placeholder row shows (equal values: one token; -1: newline rows); None otherwise.
+    vision_row_tokens: list[torch.Tensor] | None = None
     # Per image, (M,) tokens a method protects from later stages (MustDrop's key set), or None.
     key_tokens: list[torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)  # method-specific numbers (plain types)

@@ -52,7 +52,8 @@ class VisionRecord:
     packed rows that carry one token each into the language model (the first row of each merged
     token; the other rows of a token leave before the first decoder layer), ``protected`` (1, L)
     the rows that are not patches (newlines), kept like text; ``cls`` (1, L) is the importance of
-    each row's token as the core's packing places it."""
+    each row's token as the core's packing places it; ``row_token`` (1, L) which merged token each
+    row shows (``packed_rows``)."""
 
     valid: torch.Tensor
     cls: torch.Tensor | None
@@ -61,6 +62,7 @@ class VisionRecord:
     rows: int  # N: rows per image after padding back
     patch_token: torch.Tensor | None = None
     protected: torch.Tensor | None = None
+    row_token: torch.Tensor | None = None
 
 
 class VisionStage:
@@ -251,7 +253,9 @@ def packed_rows(
     merged); mergeable: (T,) the sequences that may have merged. Rows copied from a mergeable
     sequence keep, per (sequence, token), only the first row (packed order) showing it; rows from
     other sequences (e.g. interpolated ones) are each their own token.
-    Returns (valid (L,), protected (L,)): token rows, and newline rows.
+    Returns (valid (L,), protected (L,), token (L,)): token rows, newline rows, and the token each
+    row shows (rows with equal values are copies of one merged token; -1 for newlines, a distinct
+    negative value for every row that is its own token).
     """
     value = ids[:, 0]
     newline = value == 0
@@ -265,7 +269,8 @@ def packed_rows(
     first = torch.full((mergeable.numel() * patches,), ids.shape[0], device=ids.device, dtype=torch.long)
     first = first.scatter_reduce(0, key[dedupe], rank[dedupe], "amin")
     valid = ~newline & (~dedupe | (first[key] == rank))
-    return valid, newline
+    shown = torch.where(dedupe, key, -2 - rank).masked_fill(newline, -1)
+    return valid, newline, shown
 
 
 def exact_rows(ids: torch.Tensor) -> torch.Tensor:
