@@ -37,6 +37,19 @@ def reference_tokens(model, processor, image, method) -> tuple[list[list[int]], 
     return kept, stats.prefill_visual()[:, 0]
 
 
+def shown_matching_stats(model, processor, inputs, image, method):
+    """``show`` under ``method``, its prefill panels checked against an independent run's
+    session.stats (kept placeholders and counts, layer by layer)."""
+    shown = show(model, processor, inputs, image, method, max_new_tokens=2)
+    record = shown.record()
+    kept, counts = reference_tokens(model, processor, image, method)
+    prefill = [p for p in record["panels"] if p["kind"] == "prefill"]
+    for panel in prefill:
+        for layer in range(panel["layers"][0], panel["layers"][1] + 1):
+            assert panel["kept_tokens"] == kept[layer] and len(kept[layer]) == int(counts[layer])
+    return shown, record, prefill, counts
+
+
 def check_picture(picture: Image.Image, record: dict) -> None:
     """Inside each panel a kept cell is pixel-identical to the same cell of the image panel, a
     dropped one is not (it is dimmed); the record's kept cells decide which is which."""
@@ -140,13 +153,7 @@ def test_show_qwen_layout_follows_image_grid(size):
     if size[0] != size[1]:
         assert rows != cols
     method = build("fastv", keep=0.5)
-    shown = show(model, processor, inputs, image, method, max_new_tokens=2)
-    record = shown.record()
-    kept, counts = reference_tokens(model, processor, image, method)
-    prefill = [p for p in record["panels"] if p["kind"] == "prefill"]
-    for panel in prefill:
-        for layer in range(panel["layers"][0], panel["layers"][1] + 1):
-            assert panel["kept_tokens"] == kept[layer] and len(kept[layer]) == int(counts[layer])
+    shown, record, prefill, counts = shown_matching_stats(model, processor, inputs, image, method)
     assert len(prefill[-1]["kept_tokens"]) < rows * cols
     check_picture(shown.picture, record)
 
@@ -267,13 +274,7 @@ def test_show_tile_layouts_match_session_stats(family_name):
     image = random_image(40, 24, seed=2)
     method = build("fastv", keep=0.5)
     inputs = build_inputs(processor, image, "what color is the shape ?")
-    shown = show(model, processor, inputs, image, method, max_new_tokens=2)
-    record = shown.record()
-    kept, counts = reference_tokens(model, processor, image, method)
-    prefill = [p for p in record["panels"] if p["kind"] == "prefill"]
-    for panel in prefill:
-        for layer in range(panel["layers"][0], panel["layers"][1] + 1):
-            assert panel["kept_tokens"] == kept[layer] and len(kept[layer]) == int(counts[layer])
+    shown, record, prefill, counts = shown_matching_stats(model, processor, inputs, image, method)
     assert record["picture_tokens"] == int(counts[0]) and "high-resolution tiles" in record["note"]
     check_picture(shown.picture, record)
 
