@@ -156,8 +156,9 @@ def vision_batch(processor, step: int, args, grid: int):
 class Packer:
     """Packed sequences: the image prefix once per image, then all its questions (see module doc)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, type_weight: dict[str, float] | None = None):
         self.processor = processor
+        self.type_weight = dict(TYPE_WEIGHT if type_weight is None else type_weight)
         tokenizer = processor.tokenizer
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.pad_id = tokenizer.pad_token_id
@@ -192,7 +193,7 @@ class Packer:
             for q, item in enumerate(items):
                 end += len(self.suffix(item))
                 for t in (end - 3, end - 2):  # ":" predicts the answer, the answer predicts </s>
-                    targets[t], weights[t], question[t] = ids[t + 1], TYPE_WEIGHT[item.qtype], q
+                    targets[t], weights[t], question[t] = ids[t + 1], self.type_weight[item.qtype], q
             rows.append((ids, pos, owner, targets, weights, question))
         length = max(len(r[0]) for r in rows)
         batch = len(rows)
@@ -441,6 +442,11 @@ def train_stage(name, model, groups, modules, step_fn, total, args, ckpt, state)
     return elapsed + time.perf_counter() - began
 
 
+def type_weights(args) -> dict[str, float]:
+    """TYPE_WEIGHT with the command line's count and relation weights."""
+    return {**TYPE_WEIGHT, "count": args.count_weight, "relation": args.relation_weight}
+
+
 def train(model, processor, args, ckpt: Path) -> dict:
     state = torch.load(ckpt, weights_only=False) if args.resume and ckpt.exists() else {}
     tower = model.model.vision_tower
@@ -471,7 +477,7 @@ def train(model, processor, args, ckpt: Path) -> dict:
     model.train()
     tower.train(args.tower_lr_scale > 0)
     tower.requires_grad_(args.tower_lr_scale > 0)
-    packer = Packer(processor)
+    packer = Packer(processor, type_weights(args))
     scaffold = Scaffold(model, processor, args)
     weights = {"look": args.look_weight, "probe": args.probe_weight, "route": args.route_weight}
     use_scaffold = any(w > 0 for w in weights.values())
@@ -618,7 +624,7 @@ separate random stream.
 2. Projector + language model ({args.lm_steps} steps of {args.lm_images} fresh scenes with up to
    {args.per_type} questions of every type each, AdamW lr {args.lm_lr}, cosine; vision tower at
    {args.tower_lr_scale} x that lr, 0 = frozen):
-   cross-entropy on the answer word and `</s>`, question types weighted {TYPE_WEIGHT} (colour and
+   cross-entropy on the answer word and `</s>`, question types weighted {type_weights(args)} (colour and
    relation questions are rarer). All questions of a scene share one packed sequence (image prefix
    once; 4-D mask and explicit positions make it the same computation as separate sequences).
    A training-only scaffold (discarded) supervises the two hops of every answer: the question's
@@ -656,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-images", type=int, default=8, help="scenes per step (with all their questions)")
     p.add_argument("--lm-lr", type=float, default=8e-4)
     p.add_argument("--per-type", type=int, default=2, help="questions of each type per scene")
+    p.add_argument("--count-weight", type=float, default=TYPE_WEIGHT["count"], help="count answer weight")
+    p.add_argument("--relation-weight", type=float, default=TYPE_WEIGHT["relation"], help="relation weight")
     p.add_argument("--look-weight", type=float, default=1.0, help="look-up attention loss weight (0: off)")
     p.add_argument("--look-layer", type=int, default=0, help="layer whose look-up attention is supervised")
     p.add_argument("--probe-weight", type=float, default=1.0, help="answer-probe loss weight (0: off)")

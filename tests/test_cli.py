@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -271,3 +272,14 @@ def test_the_same_option_has_the_same_name_on_every_command():
     for command in ("run", "bench", "eval"):
         options = parser.parse_args([command, *(run[1:] if command == "run" else []), "--set", "a=1"])
         assert options.settings == ["a=1"] and options.config is None
+
+
+def test_model_help_names_every_named_model():
+    from vistrim.cli.main import build_parser
+    from vistrim.models import NAMED
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("run", "bench", "eval"):
+        model = next(a for a in sub.choices[command]._actions if a.dest == "model")
+        assert set(NAMED) <= {w.strip() for w in model.help.split("|")}, command

@@ -27,8 +27,8 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "testbed") ->
     parser.add_argument(
         "--model",
         default=default,
-        help="testbed | llava-geometry | llava-geometry-672 | tiny | a local folder | a hub id "
-        "(default: %(default)s)",
+        help="testbed | testbed2 | llava-geometry | llava-geometry-672 | tiny | a local folder | "
+        "a hub id (default: %(default)s)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument(
