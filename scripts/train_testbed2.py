@@ -453,8 +453,10 @@ def train(model, processor, args, ckpt: Path) -> dict:
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     heads = PatchHeads(tower.config.hidden_size, grid)
     timings = dict(state.get("timings", {}))
-    done_vision = state.get("stage") == "lm" or (
-        state.get("stage") == "vision" and state["step"] >= args.vision_steps
+    done_vision = (
+        state.get("stage") == "lm"
+        or (state.get("stage") == "vision" and state["step"] >= args.vision_steps)
+        or (args.init_from is not None and not state)
     )
     if done_vision and state.get("stage") == "vision":
         model.load_state_dict(state["model"])
@@ -570,6 +572,14 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
     else:
         results = "Not evaluated (run without `--no-eval`).\n"
     vision_min, lm_min = timings.get("vision_s", 0) / 60, timings.get("lm_s", 0) / 60
+    continued = ""
+    if args.init_from is not None:
+        continued = (
+            f"This run started from the weights of `{args.init_from}` (a test-bed 2 this script trained; "
+            "its card gives the recipe and time of its stages): stage 1 did not run again, and stage 2 ran "
+            f"{args.lm_steps} more steps with a fresh optimiser, schedule and scaffold. The times below are "
+            "this run's alone.\n"
+        )
     card = f"""# vistrim test-bed 2: small shapes on photos at LLaVA-1.5 geometry
 
 A small **stock `LlavaForConditionalGeneration`** with LLaVA-1.5's visual-token geometry (**{n_visual}
@@ -616,6 +626,7 @@ separate random stream.
 
 ## Training recipe (`scripts/train_testbed2.py`)
 
+{continued}
 1. Vision tower alone ({args.vision_steps} steps, batch {args.vision_batch}, AdamW lr {args.vision_lr},
    cosine, {args.warmup} warm-up steps): dense heads on the layer -2 patch tokens: colour of the shape
    covering the patch or background (shape patches weighted 4x), kind of shape on shape patches, the
@@ -649,6 +660,18 @@ separate random stream.
 
 
 # ----------------------------------------------------------------------------------------- main
+def init_from(model, folder: Path) -> None:
+    """Load a saved test-bed 2's weights into ``model``; its architecture must be the same."""
+    from transformers import LlavaForConditionalGeneration
+
+    saved = LlavaForConditionalGeneration.from_pretrained(folder).state_dict()
+    mine = model.state_dict()
+    if saved.keys() != mine.keys() or any(saved[k].shape != mine[k].shape for k in mine):
+        raise SystemExit(f"--init-from {folder}: not the architecture this run builds (see --tiny)")
+    model.load_state_dict(saved)
+    log(f"initialised from {folder}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (model, processor, card)")
@@ -676,6 +699,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if present")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from this saved test-bed 2 folder's weights (e.g. the shipped one): the vision stage is "
+        "skipped and stage 2 runs --lm-steps more steps with a fresh optimiser, schedule and scaffold",
+    )
     p.add_argument("--stop-after", type=int, help="stop after N steps of this run (then --resume)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the 2 cores are shared)")
     p.add_argument("--eval-scenes", type=int, default=300, help="test scenes for the model card")
@@ -688,6 +717,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, processor = build_testbed2(args.seed, TINY2_SIZE if args.tiny else Testbed2Size())
+    if args.init_from is not None:
+        init_from(model, args.init_from)
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt = args.out / "checkpoint.pt"
     log(f"model: {count(model):,} parameters; checkpoint {ckpt}")
@@ -698,7 +729,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"stopped after {args.steps_run} steps; continue with --resume")
         return {"stopped": True}
     timings["command"] = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    log(f"training took {timings['vision_s']:.0f}s + {timings['lm_s']:.0f}s")
+    log(f"training took {timings.get('vision_s', 0):.0f}s + {timings['lm_s']:.0f}s")
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
 

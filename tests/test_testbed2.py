@@ -179,6 +179,25 @@ def test_training_script_runs_and_resumes_exactly(tmp_path: Path):
     assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[0] == 1
 
 
+def test_training_continues_from_a_saved_model(tmp_path: Path):
+    """--init-from starts stage 2 from a saved folder's weights (no vision stage), says so in the
+    card, and refuses a folder of another architecture in one line."""
+    script = _load_script()
+    common = ["--tiny", "--photo-dir", str(shapes.PHOTO_DIR), "--vision-steps", "2", "--vision-batch", "2"]
+    common += ["--lm-steps", "1", "--lm-images", "2", "--warmup", "1", "--per-type", "1", "--no-eval"]
+    common += ["--tower-lr-scale", "0"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    script.main([*common, "--out", str(first)])
+    script.main([*common, "--out", str(second), "--init-from", str(first)])
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    tower = [k for k in a if "vision_tower" in k]
+    assert tower and all(torch.equal(a[k], b[k]) for k in tower)  # frozen tower, no stage 1 re-run
+    assert any(not torch.equal(a[k], b[k]) for k in a if k not in tower)  # stage 2 moved on
+    assert f"started from the weights of `{first}`" in (second / "MODEL_CARD.md").read_text()
+    with pytest.raises(SystemExit, match="not the architecture"):
+        script.main([*common[1:], "--out", str(tmp_path / "third"), "--init-from", str(first)])
+
+
 # ---------------------------------------------------------------------- the shipped model
 @needs_model
 def test_shipped_testbed2_is_a_stock_llava_at_llava_geometry():
