@@ -1,5 +1,7 @@
 """``vistrim show``: the picture's kept cells are the tokens ``session.stats`` says each layer
-processed, on every family's token layout; MustDrop's merge map and key set; one-line errors."""
+processed, on every family's token layout; the layouts of pixel-shuffled tiles (InternVL, Aya
+Vision, Idefics3) and Pixtral rows (Mistral 3) put each token where its pixels are; MustDrop's
+merge map and key set; one-line errors."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from PIL import Image
 from vistrim import VistrimError, build, trim
 from vistrim.cli.run import build_inputs
 from vistrim.families import family_for
+from vistrim.families.aya_vision import AyaVision
+from vistrim.families.internvl import InternVL
 from vistrim.families.llava_next import LlavaNext
 from vistrim.families.llava_onevision import LlavaOnevision
 from vistrim.families.qwen2_vl import Qwen2VL
@@ -27,8 +31,9 @@ def reference_tokens(model, processor, image, method) -> tuple[list[list[int]], 
     inputs = build_inputs(processor, image, "what color is the shape ?")
     with trim(model, method) as session, torch.no_grad():
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    layout = family_for(model).layout(inputs["input_ids"], inputs)
-    positions = (layout.item[0] == 0).nonzero().squeeze(-1).tolist()
+    family = family_for(model)
+    images = family.image_index(inputs, family.layout(inputs["input_ids"], inputs), processor)
+    positions = (images[0] == 0).nonzero().squeeze(-1).tolist()
     index = {p: k for k, p in enumerate(positions)}
     stats = session.stats
     kept = [
@@ -308,3 +313,159 @@ def test_show_tile_layouts_mark_mustdrop_merges_per_tile(family_name):
         for layer in range(panel["layers"][0], panel["layers"][1] + 1):
             assert panel["kept_tokens"] == kept[layer]
     check_picture(shown.picture, record)
+
+
+# ---------------------------------------------------------------------- pixel-shuffled tiles, Pixtral rows
+SHUFFLED = {"internvl": InternVL, "aya_vision": AyaVision}
+SIZES = [(32, 32), (64, 32), (32, 64), (100, 40)]  # one tile; 2x1, 1x2 and 3x1 grids + a global tile
+
+
+def smooth_image(width: int, height: int) -> Image.Image:
+    """Red grows to the right, green downwards, blue along the diagonal: any misplaced tile shows."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x / width, y / height, (x + y) / (width + height)], -1)
+    return Image.fromarray((rgb * 255).astype("uint8"))
+
+
+def cells_and_positions(family_cls, size):
+    model, processor = family_cls.tiny()
+    family = family_for(model)
+    image = smooth_image(*size)
+    inputs = build_inputs(processor, image, "what color is the shape ?")
+    grid = family.token_cells(inputs, 0, processor=processor, image_size=(image.height, image.width))
+    images = family.image_index(inputs, family.layout(inputs["input_ids"], inputs), processor)
+    positions = (images[0] == 0).nonzero().squeeze(-1)
+    return model, processor, image, inputs, grid, positions
+
+
+@pytest.mark.parametrize("family_name", list(SHUFFLED))
+@pytest.mark.parametrize("size", SIZES)
+def test_shuffled_tile_layouts_place_every_token_once(family_name, size):
+    """Every placeholder of the image covers one cell, inside the grid, each cell once; the tiles
+    (one per pixel_values entry, in order) do not overlap; several tiles: the global view on the
+    left, the grid right of an empty column."""
+    model, _, _, inputs, grid, positions = cells_and_positions(SHUFFLED[family_name], size)
+    visual = family_for(model).layout(inputs["input_ids"], inputs).visual[0]
+    assert len(grid.cells) == len(positions) == int(visual.sum())  # every placeholder is the image's
+    assert all(len(cells) == 1 for cells in grid.cells)
+    covered = [c for cells in grid.cells for c in cells]
+    assert len(covered) == len(set(covered)) and all(0 <= c < grid.rows * grid.cols for c in covered)
+    assert [entry for entry, _, _ in grid.tiles] == list(range(inputs["pixel_values"].shape[0]))
+    side = round((len(covered) / len(grid.tiles)) ** 0.5)
+    boxes = [
+        {(top + i) * grid.cols + left + j for i in range(side) for j in range(side)}
+        for _, top, left in grid.tiles
+    ]
+    assert sum(map(len, boxes)) == len(set().union(*boxes)) == len(covered) and set(covered) == set().union(
+        *boxes
+    )
+    if len(grid.tiles) > 1:
+        assert grid.tiles[-1][1:] == (0, 0) and all(left > side for _, _, left in grid.tiles[:-1])
+        assert "high-resolution tiles" in grid.note
+
+
+class _Stop(Exception):
+    pass
+
+
+def language_model_inputs(model, inputs: dict) -> torch.Tensor:
+    """(1, n, D) the embeddings the language model receives (image features scattered in), with
+    the vision tower's attention outputs zeroed: every tower feature then depends on its own patch
+    only, so a pixel's change reaches exactly the tokens built from it."""
+    family = family_for(model)
+    seen = {}
+
+    def stop(_module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+        raise _Stop
+
+    def local(_module, _args, output):
+        return (
+            (torch.zeros_like(output[0]), *output[1:])
+            if isinstance(output, tuple)
+            else torch.zeros_like(output)
+        )
+
+    handles = [family.lm.register_forward_pre_hook(stop, with_kwargs=True)]
+    for name, module in model.named_modules():
+        if "vision" in name and type(module).__name__.endswith("Attention"):
+            handles.append(module.register_forward_hook(local))
+    try:
+        with torch.no_grad(), pytest.raises(_Stop):
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["embeds"]
+
+
+def perturbed_tokens(model, inputs, grid, positions, cell: int) -> list[int]:
+    """Placeholders (of the image) whose features change when the pixels of ``cell`` change."""
+    r, c = divmod(cell, grid.cols)
+    step = grid.cell_pixels
+    pixels = inputs["pixel_values"].clone()
+    for entry, top, left in grid.tiles:
+        tile = pixels[entry] if pixels.dim() == 4 else pixels[0, entry]
+        rows, cols = tile.shape[-2] // step, tile.shape[-1] // step
+        if top <= r < top + rows and left <= c < left + cols:
+            y, x = (r - top) * step, (c - left) * step
+            tile[:, y : y + step, x : x + step] += 0.5
+    before = language_model_inputs(model, inputs)[0, positions]
+    after = language_model_inputs(model, {**inputs, "pixel_values": pixels})[0, positions]
+    return ((after - before).abs().amax(-1) > 1e-4).nonzero().squeeze(-1).tolist()
+
+
+@pytest.mark.parametrize("family_name", list(SHUFFLED))
+@pytest.mark.parametrize("size", [(32, 32), (100, 40)])
+def test_shuffled_tile_layouts_put_each_token_where_its_pixels_are(family_name, size):
+    """Changing the pixels under one cell of one tile (two corner cells of every tile, which a
+    transposed or reordered layout would swap) changes exactly the token the layout puts there."""
+    model, _, _, inputs, grid, positions = cells_and_positions(SHUFFLED[family_name], size)
+    owner = {cells[0]: k for k, cells in enumerate(grid.cells)}
+    side = round((len(grid.cells) / len(grid.tiles)) ** 0.5)
+    for _, top, left in grid.tiles:
+        for i, j in ((0, side - 1), (side - 1, 0)):
+            cell = (top + i) * grid.cols + left + j
+            assert perturbed_tokens(model, inputs, grid, positions, cell) == [owner[cell]]
+
+
+@pytest.mark.parametrize("family_name", list(SHUFFLED))
+@pytest.mark.parametrize("size", SIZES[1:])
+def test_tile_grids_follow_the_processors_crop_order(family_name, size):
+    """The stitched high-resolution tiles of the shown picture are the image resized to the grid
+    (the processor crops the resized image in raster order); the global view is the whole image."""
+    from vistrim.show import seen_picture
+
+    _, processor, image, inputs, grid, _ = cells_and_positions(SHUFFLED[family_name], size)
+    seen = np.asarray(seen_picture(inputs, processor, image, grid)).astype(float)
+    step, side = grid.cell_pixels, grid.tiles[-1][1] + round((len(grid.cells) / len(grid.tiles)) ** 0.5)
+    left = min(left for _, _, left in grid.tiles[:-1])
+    high = seen[:, left * step :]
+    expected = np.asarray(image.resize((high.shape[1], high.shape[0]), Image.BICUBIC)).astype(float)
+    assert np.abs(high - expected).mean() < 6
+    whole = seen[: side * step, : side * step]
+    expected = np.asarray(image.resize((whole.shape[1], whole.shape[0]), Image.BICUBIC)).astype(float)
+    assert np.abs(whole - expected).mean() < 6
+
+
+@pytest.mark.parametrize("family_name", list(SHUFFLED))
+def test_show_shuffled_tile_layouts_match_session_stats(family_name):
+    model, processor = SHUFFLED[family_name].tiny()
+    image = random_image(100, 40, seed=2)
+    inputs = build_inputs(processor, image, "what color is the shape ?")
+    shown, record, prefill, counts = shown_matching_stats(
+        model, processor, inputs, image, build("fastv", keep=0.5)
+    )
+    assert record["picture_tokens"] == int(counts[0]) == 64 and "high-resolution tiles" in record["note"]
+    assert len(prefill[-1]["kept_tokens"]) < 64
+    check_picture(shown.picture, record)
+
+
+@pytest.mark.parametrize("family_name", list(SHUFFLED))
+def test_shuffled_tile_grids_are_refused_without_the_image_or_on_a_mismatch(family_name):
+    model, processor, image, inputs, _, _ = cells_and_positions(SHUFFLED[family_name], (100, 40))
+    family = family_for(model)
+    with pytest.raises(VistrimError, match="needs the GotOcr2 image processor and the image's size"):
+        family.token_cells(inputs, 0, processor=processor)
+    with pytest.raises(VistrimError, match="4 tiles are not the 2x1 grid"):  # the size of another image
+        family.token_cells(inputs, 0, processor=processor, image_size=(40, 80))

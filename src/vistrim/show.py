@@ -1,8 +1,13 @@
 """A picture of what a method keeps: the visual tokens each decoder layer processed, on the image.
 
 The picture the model saw is cut into its family's token grid (``Family.token_cells``: the tower's
-patch grid for LLaVA, the merged patch grid for Qwen2-VL, the base tile beside the stitched
-high-resolution tiles for LLaVA-NeXT and OneVision, newline rows left out). One panel per run of
+patch grid for LLaVA, the merged patch grid for Qwen2-VL, the base tile,
+thumbnail or global image beside the stitched high-resolution tiles for LLaVA-NeXT, OneVision,
+InternVL and Aya Vision, newline rows left out; one cell per
+pixel-shuffled token). The image's placeholders are every run ``Family.image_index`` puts in it
+(one run per image, or one per tile for Aya Vision); the families
+whose inputs do not carry the tile grid get the processor and the original image size. One
+image per prompt: several images, and videos, are refused in one line. One panel per run of
 consecutive layers that processed the same visual tokens in prefill, dropped cells dimmed; for
 methods that evict while decoding (ST³'s annealing, MustDrop's cache stage) a second group of
 panels shows what each layer's cache held after the last step. MustDrop's merged windows (several
@@ -106,14 +111,17 @@ class Shown:
         }
 
 
-def token_map(family, inputs: dict, stats) -> tuple[TokenMap, TokenCells]:
-    """Placeholders of the single image of a one-prompt batch and the cells they cover."""
+def token_map(family, inputs: dict, stats, processor=None, image_size=None) -> tuple[TokenMap, TokenCells]:
+    """Placeholders of the single image of a one-prompt batch (every run ``Family.image_index``
+    puts in it, prompt order) and the cells they cover; ``processor`` and the original
+    ``image_size`` (height, width) go to ``Family.token_cells``."""
     input_ids = inputs["input_ids"]
     layout = family.layout(input_ids, inputs)
-    if input_ids.shape[0] != 1 or int(layout.item.max()) != 0:
+    images = family.image_index(inputs, layout, processor) if input_ids.shape[0] == 1 else None
+    if images is None or int(images.max()) != 0:
         raise VistrimError("show needs one prompt with one image")
-    grid = family.token_cells(inputs, 0)
-    positions = (layout.item[0] == 0).nonzero().squeeze(-1).tolist()
+    grid = family.token_cells(inputs, 0, processor=processor, image_size=image_size)
+    positions = (images[0] == 0).nonzero().squeeze(-1).tolist()
     if len(grid.cells) != len(positions):
         raise VistrimError(f"{family.name}: {len(grid.cells)} token cells for {len(positions)} placeholders")
     cells = [list(c) for c in grid.cells]
@@ -193,7 +201,7 @@ def show(
     stats = session.stats
     if stats.num_layers == 0:
         raise VistrimError("the prompt holds no image token")
-    tm, grid = token_map(family, inputs, stats)
+    tm, grid = token_map(family, inputs, stats, processor, (image.height, image.width))
     prompt_len = inputs["input_ids"].shape[1]
     answer = processor.batch_decode(output.sequences[:, prompt_len:], skip_special_tokens=True)[0].strip()
     prefill = [stats.kept_positions(layer)[0].tolist() for layer in range(stats.num_layers)]

@@ -8,6 +8,11 @@ tiles, a pixel-shuffle SwiGLU projector and a Cohere language model.
   interleaved rotary embeddings, parallel attention and MLP, optional q/k norms) fits the
   defaults. Cohere 2 (the Command R7B architecture, the config's default) is refused at
   ``trim()``: its sliding-window layers alternate with global layers that use no rotary positions.
+- ``vistrim show``: every tile is a run of placeholders; the runs up to ``<|END_OF_IMG|>`` form
+  the image (``image_index``, through the processor's tokenizer). The global tile on the left,
+  the tiles in their grid on the right, one cell per token (``downsample_factor``-square patch
+  blocks); the grid is the GotOcr2 image processor's own choice for the original image's size,
+  checked against the tile count (refused otherwise).
 - Vision stage: refused. The projector reads a pixel shuffle of each tile's full patch grid,
   which a window merge inside the tower breaks.
 - FLOPs: decoder only (tiles per image and the shuffled projector are not in bench's formulas).
@@ -15,8 +20,11 @@ tiles, a pixel-shuffle SwiGLU projector and a Cohere language model.
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import VistrimError
-from .base import Family, register
+from .base import Family, Layout, TokenCells, register
+from .tiles import VIEWS_NOTE, got_ocr2_grid, group_runs, image_span, shuffled_cells, stitched, view_origins
 
 TILES = tuple(f"TILE_{i}" for i in range(1, 13))
 PLACEHOLDERS = (
@@ -53,6 +61,50 @@ class AyaVision(Family):
                 "alternate with global layers that use no rotary positions)"
             )
         super().check()
+
+    def image_index(self, inputs: dict, layout: Layout, processor=None) -> torch.Tensor:
+        """Each tile is a run (``TILE_i`` / ``TILE_GLOBAL`` between them); an image's last run is
+        followed by the processor's ``end_of_img_token``."""
+        if int(layout.item.max()) <= 0:
+            return layout.item
+        end = _token_id(processor, "end_of_img_token")
+        if end is None:
+            raise VistrimError(
+                f"{self.name}: which tiles form an image needs the processor's end_of_img_token"
+            )
+        ids = inputs["input_ids"]
+        after = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-1)
+        return group_runs(layout.item, layout.visual & (after == end))
+
+    def token_cells(self, inputs: dict, image: int, *, processor=None, image_size=None) -> TokenCells:
+        """The image's tiles are ``pixel_values`` entries in prompt order (``TILE_1`` ...), the
+        global tile last when there are several; their grid is the GotOcr2 image processor's own
+        choice for the image's size (``processor``, ``image_size``), checked against the tile count.
+        A tile's tokens are its patch grid through the projector's ``pixel_shuffle`` (run on an
+        index probe): one cell per ``downsample_factor``-square patch block."""
+        if inputs.get("pixel_values") is None:
+            raise VistrimError(f"{self.name}: token cells need pixel_values")
+        vision, scale = self.config.vision_config, self.config.downsample_factor
+        strategy = self.config.vision_feature_select_strategy
+        if strategy != "full":
+            raise VistrimError(
+                f"{self.name}: token cells are known for vision_feature_select_strategy='full'"
+            )
+        side = vision.image_size // vision.patch_size
+        local = shuffled_cells(self.name, self.core.multi_modal_projector.pixel_shuffle, side, scale)
+        layout = self.layout(inputs["input_ids"], inputs)
+        where, before = image_span(self.image_index(inputs, layout, processor), image)
+        tiles, first = len(where) // len(local), before // len(local)
+        if tiles * len(local) != len(where) or first + tiles > inputs["pixel_values"].shape[0]:
+            raise VistrimError(f"{self.name}: {len(where)} placeholders are not whole tiles of {len(local)}")
+        image_processor = getattr(processor, "image_processor", None)
+        rows, cols = got_ocr2_grid(self.name, image_processor, image_size, tiles)
+        grid = [(t // cols, t % cols) for t in range(rows * cols)] + [(-1, -1)]
+        origins = view_origins(grid[-tiles:], side // scale)
+        placed = [(first + t, top, left) for t, (top, left) in enumerate(origins)]
+        return stitched(
+            placed, local, side // scale, vision.patch_size * scale, VIEWS_NOTE.format("global tile")
+        )
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa"):
@@ -98,3 +150,10 @@ class AyaVision(Family):
         return seeded(
             AyaVisionForConditionalGeneration, config, seed, attn_implementation, tokenizer
         ), processor
+
+
+def _token_id(processor, attribute: str) -> int | None:
+    """The id of the processor's token named by ``attribute`` (None without a processor)."""
+    token = getattr(processor, attribute, None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    return None if token is None or tokenizer is None else int(tokenizer.convert_tokens_to_ids(token))

@@ -224,13 +224,22 @@ class Family:
         placeholder = torch.isin(input_ids, ids)
         return Layout(placeholder, torch.zeros_like(placeholder), runs(placeholder))
 
-    def token_cells(self, inputs: dict, image: int) -> TokenCells:
-        """Where the visual tokens of image ``image`` (the ``image``-th run of placeholders,
-        row-major over the batch) lie on the picture the model saw. Default (LLaVA-1.5): one token
-        per tower patch of the image's own (C, H, W) entry of ``pixel_values``, in raster order; it
-        is refused in one line unless every run has such an entry and the counts match (tiles, row
-        breaks, merged or shuffled patches need the family's own override, as LLaVA-NeXT's and
-        Qwen2-VL's)."""
+    def image_index(self, inputs: dict, layout: Layout, processor=None) -> torch.Tensor:
+        """(B, n) which image each placeholder belongs to (from 0 per row, -1 elsewhere), for
+        ``vistrim show`` only: methods and budgets treat every run (``Layout.item``) on its own.
+        Default: one run per image. Families whose image is several runs (tiles with text between
+        them, rows ending in a break token) override it; the tokens that bound an image are named
+        by ``processor`` (the config names only the placeholder id)."""
+        return layout.item
+
+    def token_cells(self, inputs: dict, image: int, *, processor=None, image_size=None) -> TokenCells:
+        """Where the visual tokens of image ``image`` (as ``image_index`` numbers them, row-major
+        over the batch; its placeholders in prompt order) lie on the picture the model saw.
+        ``processor`` and the original ``image_size`` (height, width) are for families whose inputs
+        do not carry the tile grid (InternVL, Aya Vision). Default (LLaVA-1.5): one token per tower
+        patch of the image's own (C, H, W) entry of ``pixel_values``, in raster order; it is refused
+        in one line unless every run has such an entry and the counts match (tiles, row breaks,
+        merged or shuffled patches need the family's own override, as LLaVA-NeXT's and Qwen2-VL's)."""
         layout = self.layout(inputs["input_ids"], inputs)
         count = image_token_count(layout, image)
         pixels = inputs.get("pixel_values")

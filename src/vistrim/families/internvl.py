@@ -7,6 +7,9 @@ and a Qwen2- or Llama-shaped language model.
   placeholders, all in one run between ``<img>`` and ``</img>``; those two are text tokens and
   never dropped. Video frames use the same placeholders (one ``<img>`` run per frame).
 - Positions and mask: 1-D rotary positions and a causal mask, as the defaults.
+- ``vistrim show``: the thumbnail on the left, the tiles in their grid on the right, one cell per
+  token (2x2 patches); the inputs do not carry the grid, so it is the GotOcr2 image processor's
+  own choice for the original image's size, checked against the tile count (refused otherwise).
 - Vision stage: refused. The projector reads a pixel shuffle of the whole square patch grid of
   each tile (2x2 neighbours folded into one token), which a window merge inside the tower breaks,
   and the tower's layers take no attention mask to run tiles that keep different numbers of tokens.
@@ -15,7 +18,9 @@ and a Qwen2- or Llama-shaped language model.
 
 from __future__ import annotations
 
-from .base import Family, register
+from ..errors import VistrimError
+from .base import Family, TokenCells, register
+from .tiles import VIEWS_NOTE, got_ocr2_grid, image_span, shuffled_cells, stitched, view_origins
 
 PLACEHOLDERS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
 CHAT_TEMPLATE = (
@@ -39,6 +44,42 @@ class InternVL(Family):
         "its projector reads a 2x2 pixel shuffle of each tile's full patch grid and its tower layers "
         "take no attention mask; set vision=false"
     )
+
+    def token_cells(self, inputs: dict, image: int, *, processor=None, image_size=None) -> TokenCells:
+        """The image's tiles are ``pixel_values`` entries in prompt order, the thumbnail last when
+        there are several; their grid is the GotOcr2 image processor's own choice for the image's
+        size (``processor``, ``image_size``), checked against the tile count. A tile's tokens are
+        its patch grid through the core's ``pixel_shuffle`` (run on an index probe, with the
+        reshapes of ``get_image_features`` around it): one cell per 2x2 patch block."""
+        if inputs.get("pixel_values") is None or inputs.get("pixel_values_videos") is not None:
+            raise VistrimError(f"{self.name}: token cells are known for image-only prompts")
+        vision = self.config.vision_config
+        size, patch = _pair(vision.image_size), _pair(vision.patch_size)
+        if (
+            size[0] != size[1]
+            or patch[0] != patch[1]
+            or self.config.vision_feature_select_strategy != "default"
+        ):
+            raise VistrimError(f"{self.name}: token cells are known for square tiles without a CLS feature")
+        side, ratio = size[0] // patch[0], self.config.downsample_ratio
+        scale = round(1 / ratio)
+
+        def shuffle(x):
+            folded = self.core.pixel_shuffle(x.reshape(1, side, side, -1), scale_factor=ratio)
+            return folded.reshape(1, -1, folded.shape[-1])
+
+        local = shuffled_cells(self.name, shuffle, side, scale)
+        layout = self.layout(inputs["input_ids"], inputs)
+        where, before = image_span(self.image_index(inputs, layout, processor), image)
+        tiles, first = len(where) // len(local), before // len(local)
+        if tiles * len(local) != len(where) or first + tiles > inputs["pixel_values"].shape[0]:
+            raise VistrimError(f"{self.name}: {len(where)} placeholders are not whole tiles of {len(local)}")
+        image_processor = getattr(processor, "image_processor", None)
+        rows, cols = got_ocr2_grid(self.name, image_processor, image_size, tiles)
+        grid = [(t // cols, t % cols) for t in range(rows * cols)] + [(-1, -1)]
+        origins = view_origins(grid[-tiles:], side // scale)
+        placed = [(first + t, top, left) for t, (top, left) in enumerate(origins)]
+        return stitched(placed, local, side // scale, patch[0] * scale, VIEWS_NOTE.format("thumbnail"))
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa", *, text: str = "qwen2"):
@@ -103,3 +144,7 @@ class InternVL(Family):
                 seed, attn_implementation, text="llama"
             ),
         }
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))

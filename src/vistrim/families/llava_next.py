@@ -180,7 +180,7 @@ class LlavaNext(Family):
             for size in torch.as_tensor(inputs["image_sizes"]).cpu()
         ]
 
-    def token_cells(self, inputs: dict, image: int) -> TokenCells:
+    def token_cells(self, inputs: dict, image: int, *, processor=None, image_size=None) -> TokenCells:
         """Two views side by side, one cell per tower patch: the base tile (the whole image at
         tile size) on the left, the high-resolution tiles stitched into their grid on the right.
         Each packed row is placed by the core's own packing run on a coordinate probe (every patch

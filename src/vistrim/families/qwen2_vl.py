@@ -68,7 +68,7 @@ class Qwen2VL(Family):
         grids = [inputs.get(key) for key in ("image_grid_thw", "video_grid_thw")]
         return sum(int(grid.shape[0]) for grid in grids if grid is not None)
 
-    def token_cells(self, inputs: dict, image: int):
+    def token_cells(self, inputs: dict, image: int, *, processor=None, image_size=None):
         """An image of t x h x w patches enters as t*(h/m)*(w/m) tokens (m = spatial_merge_size),
         frame by frame in raster order over the merged grid; the processor resizes without
         cropping, so the grid spans the whole picture."""
