@@ -17,6 +17,7 @@ import vistrim.evaluate.harness as harness
 from vistrim.data.easyvqa import VQAItem
 from vistrim.evaluate.fidelity import first_token_kl, identical_share, pair_up
 from vistrim.evaluate.harness import config_summary
+from vistrim.evaluate.report import budget_target, missed_budgets
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +99,16 @@ def test_eval_relative_accuracy_and_reached_budgets(capsys, tmp_path, image_dir,
     tokenizer = build_processor(32, 4).tokenizer
     monkeypatch.setattr(harness, "generate_batch", injected)
     out = tmp_path / "eval"
-    argv = ["eval", "--model", "tiny", "--methods", "fastv", "--budgets", "32,0.75", "--batch-size", "3"]
+    argv = ["eval", "--model", "tiny", "--methods", "fastv", "--budgets", "32,0.75,8", "--batch-size", "3"]
     code, stdout, err = run_cli(capsys, *argv, "--out", str(out))
     assert code == 0, err
-    rows = json.loads((out / "eval.json").read_text())["rows"]
+    document = json.loads((out / "eval.json").read_text())
+    rows = document["rows"]
     assert [(r["label"], r["budgets"]) for r in rows] == [
         ("unpruned", []),
         ("fastv", [32]),
         ("fastv", [0.75]),
+        ("fastv", [8]),
     ]
     assert rows[0]["accuracy"] == 1.0 and rows[0]["layer_average_visual"] == 64
     for row in rows[1:]:  # circle, circle right; red, yes wrong
@@ -114,6 +117,14 @@ def test_eval_relative_accuracy_and_reached_budgets(capsys, tmp_path, image_dir,
     # 64 visual tokens, 6 layers, FastV cuts after layer 2: (64*2 + 16*4) / 6 and (64*2 + 40*4) / 6
     assert rows[1]["layer_average_visual"] == 32.0 and rows[1]["settings"]["keep"] == 16
     assert rows[2]["layer_average_visual"] == 48.0 and rows[2]["settings"]["keep"] == 40
+    # 8 is below one layer of 64 tokens over 6 layers: the lowest a cut after layer 1 reaches, said
+    assert rows[3]["layer_average_visual"] == pytest.approx(64 / 6) and rows[3]["settings"]["layer"] == 1
+    assert document["budget_misses"] == [
+        "fastv at 8: reached 10.7 layer-averaged visual tokens, not 8.0: it cannot go lower here with these "
+        "settings (layers before its first cut see every token; protected tokens stay): compare it at the "
+        "tokens it reached"
+    ]
+    assert "budget not reached: fastv at 8: reached 10.7" in " ".join(stdout.split())
     assert len(rows[1]["batch_stats"]) == 2  # batches of 3 and 1, both counted
     assert "relative" in stdout and (out / "accuracy_vs_budget.png").stat().st_size > 1000
 
@@ -195,3 +206,35 @@ def test_eval_takes_config_and_set_like_run(capsys, tmp_path, image_dir):
     # post-cut (2*64 + 4*8) / 6, as released code logs it
     assert fastv["layer_average_visual"] == 36.0
     assert fastv["layer_average_visual_post_cut"] == pytest.approx(160 / 6)
+
+
+def test_budget_targets_and_misses_by_hand():
+    """Ratios scale each sample's visual tokens, counts are capped by them, post-cut budgets are
+    checked against the post-cut count; rows within a token of their budget pass."""
+    assert budget_target(0.5, [100.0, 50.0]) == (37.5, "processed")
+    assert budget_target(64, [100.0, 50.0]) == (57.0, "processed")
+    assert budget_target("64:post_cut", [576.0]) == (64.0, "post_cut")
+    assert budget_target("default", [576.0]) is None
+    unpruned = {
+        "label": "unpruned",
+        "budgets": [],
+        "layer_average_visual": 576.0,
+        "reached_per_sample": [576.0],
+    }
+    near = {"label": "a", "budgets": [64], "layer_average_visual": 64.9}
+    far = {
+        "label": "b",
+        "budgets": ["64:post_cut"],
+        "layer_average_visual": 90.0,
+        "layer_average_visual_post_cut": 70.0,
+    }
+    fine = {
+        "label": "c",
+        "budgets": ["64:post_cut"],
+        "layer_average_visual": 90.0,
+        "layer_average_visual_post_cut": 64.5,
+    }
+    misses = missed_budgets([unpruned, near, far, fine])
+    assert len(misses) == 1 and misses[0].startswith(
+        "b at 64:post_cut: reached 70.0 layer-averaged visual tokens, not 64.0"
+    )

@@ -12,6 +12,42 @@ def post_cut(row: dict) -> float:
     return row.get("layer_average_visual_post_cut", row["layer_average_visual"])
 
 
+def budget_target(budget, visual_in: list[float]) -> tuple[float, str] | None:
+    """The layer-averaged visual tokens a row's budget asks for (mean over the samples, whose
+    unpruned counts are ``visual_in``) and how they are counted; None for ``default``."""
+    text, _, counting = str(budget).partition(":")
+    try:
+        value = float(text)
+    except ValueError:  # "default", or a row without a budget
+        return None
+    if not visual_in:
+        return None
+    per_sample = [value * n if "." in text else min(value, n) for n in visual_in]
+    return sum(per_sample) / len(per_sample), counting or "processed"
+
+
+def missed_budgets(rows: list[dict], tolerance: float = 1.0) -> list[str]:
+    """One line per row whose reached tokens exceed its budget by more than ``tolerance`` per
+    sample (a method that cannot go that low on the model with its settings: layers before its
+    first cut see every token, protected tokens stay): such a row is not comparable at that budget."""
+    visual_in = rows[0].get("reached_per_sample") or [rows[0]["layer_average_visual"]]
+    lines = []
+    for row in rows[1:]:
+        budgets = row.get("budgets") or []
+        target = budget_target(budgets[0], visual_in) if len(budgets) == 1 else None
+        if target is None:
+            continue
+        goal, counting = target
+        reached = post_cut(row) if counting == "post_cut" else row["layer_average_visual"]
+        if reached > goal + tolerance:
+            lines.append(
+                f"{row['label']} at {budgets[0]}: reached {reached:.1f} layer-averaged visual tokens, not "
+                f"{goal:.1f}: it cannot go lower here with these settings (layers before its first cut see "
+                "every token; protected tokens stay): compare it at the tokens it reached"
+            )
+    return lines
+
+
 def pct(value) -> str:
     return "-" if value is None else f"{value:.1%}"
 

@@ -226,12 +226,20 @@ def write_outputs(document: dict, out: str | Path, console=None) -> None:
     """``eval.json`` and a plot in ``out``; the table also on the console."""
     from rich.console import Console
 
-    from .report import accuracy_table, fidelity_table, plot_by_size, plot_vs_budget, size_table
+    from .report import (
+        accuracy_table,
+        fidelity_table,
+        missed_budgets,
+        plot_by_size,
+        plot_vs_budget,
+        size_table,
+    )
 
     console = console or Console()
     wide = Console(width=max(120, console.width))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    document["budget_misses"] = missed_budgets(document["rows"])
     (out / "eval.json").write_text(json.dumps(document, indent=1, default=str))
     s, rows = document["settings"], document["rows"]
     title = f"{s['model']} | {s['device']} {s['dtype']} {s['attention']} | {s['samples']} samples, greedy"
@@ -248,4 +256,6 @@ def write_outputs(document: dict, out: str | Path, console=None) -> None:
         ylabel = "answers identical to unpruned"
         plot_vs_budget(rows, "identical", ylabel, out / "fidelity_vs_budget.png", title)
         names = "eval.json, fidelity_vs_budget.png"
+    for line in document["budget_misses"]:
+        console.print(f"[yellow]budget not reached:[/] {line}", highlight=False)
     console.print(f"wrote {out}/{names}")
