@@ -17,6 +17,7 @@ from vistrim import VistrimError, build, trim
 from vistrim.cli.run import build_inputs
 from vistrim.families import family_for
 from vistrim.families.aya_vision import AyaVision
+from vistrim.families.idefics3 import Idefics3
 from vistrim.families.internvl import InternVL
 from vistrim.families.llava_next import LlavaNext
 from vistrim.families.llava_onevision import LlavaOnevision
@@ -316,8 +317,15 @@ def test_show_tile_layouts_mark_mustdrop_merges_per_tile(family_name):
 
 
 # ---------------------------------------------------------------------- pixel-shuffled tiles, Pixtral rows
-SHUFFLED = {"internvl": InternVL, "aya_vision": AyaVision}
-SIZES = [(32, 32), (64, 32), (32, 64), (100, 40)]  # one tile; 2x1, 1x2 and 3x1 grids + a global tile
+SHUFFLED = {
+    "internvl": InternVL.tiny,
+    "aya_vision": AyaVision.tiny,
+    "idefics3": Idefics3.tiny,
+    "smolvlm": lambda: Idefics3.tiny(smolvlm=True),
+}
+GOT_OCR2 = ["internvl", "aya_vision"]  # the tile grid comes from the image processor, not the prompt
+# GotOcr2 (up to 4 tiles): one tile; 2x1, 1x2 and 3x1 grids; Idefics3 (up to 3x3): 3x3, 3x2, 2x3, 3x2
+SIZES = [(32, 32), (64, 32), (32, 64), (100, 40)]
 
 
 def smooth_image(width: int, height: int) -> Image.Image:
@@ -327,8 +335,8 @@ def smooth_image(width: int, height: int) -> Image.Image:
     return Image.fromarray((rgb * 255).astype("uint8"))
 
 
-def cells_and_positions(family_cls, size):
-    model, processor = family_cls.tiny()
+def cells_and_positions(builder, size):
+    model, processor = builder()
     family = family_for(model)
     image = smooth_image(*size)
     inputs = build_inputs(processor, image, "what color is the shape ?")
@@ -350,7 +358,9 @@ def test_shuffled_tile_layouts_place_every_token_once(family_name, size):
     assert all(len(cells) == 1 for cells in grid.cells)
     covered = [c for cells in grid.cells for c in cells]
     assert len(covered) == len(set(covered)) and all(0 <= c < grid.rows * grid.cols for c in covered)
-    assert [entry for entry, _, _ in grid.tiles] == list(range(inputs["pixel_values"].shape[0]))
+    pixels = inputs["pixel_values"]
+    entries = pixels.shape[0] if pixels.dim() == 4 else pixels.shape[1]
+    assert [entry for entry, _, _ in grid.tiles] == list(range(entries))
     side = round((len(covered) / len(grid.tiles)) ** 0.5)
     boxes = [
         {(top + i) * grid.cols + left + j for i in range(side) for j in range(side)}
@@ -450,22 +460,32 @@ def test_tile_grids_follow_the_processors_crop_order(family_name, size):
 
 @pytest.mark.parametrize("family_name", list(SHUFFLED))
 def test_show_shuffled_tile_layouts_match_session_stats(family_name):
-    model, processor = SHUFFLED[family_name].tiny()
+    model, processor = SHUFFLED[family_name]()
     image = random_image(100, 40, seed=2)
     inputs = build_inputs(processor, image, "what color is the shape ?")
     shown, record, prefill, counts = shown_matching_stats(
         model, processor, inputs, image, build("fastv", keep=0.5)
     )
-    assert record["picture_tokens"] == int(counts[0]) == 64 and "high-resolution tiles" in record["note"]
-    assert len(prefill[-1]["kept_tokens"]) < 64
+    tokens = len(shown.token_map.positions)
+    assert record["picture_tokens"] == int(counts[0]) == tokens and "high-resolution tiles" in record["note"]
+    assert len(prefill[-1]["kept_tokens"]) < tokens
     check_picture(shown.picture, record)
 
 
-@pytest.mark.parametrize("family_name", list(SHUFFLED))
-def test_shuffled_tile_grids_are_refused_without_the_image_or_on_a_mismatch(family_name):
+@pytest.mark.parametrize("family_name", GOT_OCR2)
+def test_got_ocr2_tile_grids_are_refused_without_the_image_or_on_a_mismatch(family_name):
     model, processor, image, inputs, _, _ = cells_and_positions(SHUFFLED[family_name], (100, 40))
     family = family_for(model)
     with pytest.raises(VistrimError, match="needs the GotOcr2 image processor and the image's size"):
         family.token_cells(inputs, 0, processor=processor)
     with pytest.raises(VistrimError, match="4 tiles are not the 2x1 grid"):  # the size of another image
         family.token_cells(inputs, 0, processor=processor, image_size=(40, 80))
+
+
+def test_idefics3_tiles_are_refused_without_the_processor():
+    model, processor, _, inputs, _, _ = cells_and_positions(SHUFFLED["idefics3"], (64, 32))
+    family = family_for(model)
+    with pytest.raises(VistrimError, match="needs the processor's global image tag"):
+        family.image_index(inputs, family.layout(inputs["input_ids"], inputs))
+    with pytest.raises(VistrimError, match="token cells need pixel_values and the processor's tokenizer"):
+        family.token_cells(inputs, 0)

@@ -3,9 +3,9 @@
 The picture the model saw is cut into its family's token grid (``Family.token_cells``: the tower's
 patch grid for LLaVA, the merged patch grid for Qwen2-VL, the base tile,
 thumbnail or global image beside the stitched high-resolution tiles for LLaVA-NeXT, OneVision,
-InternVL and Aya Vision, newline rows left out; one cell per
+InternVL, Aya Vision and Idefics3 / SmolVLM, newline rows left out; one cell per
 pixel-shuffled token). The image's placeholders are every run ``Family.image_index`` puts in it
-(one run per image, or one per tile for Aya Vision); the families
+(one run per image, or one per tile for Aya Vision and Idefics3); the families
 whose inputs do not carry the tile grid get the processor and the original image size. One
 image per prompt: several images, and videos, are refused in one line. One panel per run of
 consecutive layers that processed the same visual tokens in prefill, dropped cells dimmed; for

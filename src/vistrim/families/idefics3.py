@@ -9,6 +9,10 @@ model at ``model.text_model``.
   which are text tokens: never dropped. SmolVLM's video frames enter the same way (one global image
   each, with a timestamp in text).
 - Positions and mask: 1-D rotary positions and a causal mask, as the defaults.
+- ``vistrim show``: the runs up to the one headed by ``<global-img>`` form the image
+  (``image_index``, through the processor's tokenizer); each run is placed by the text token
+  before it (``<row_i_col_j>``: the tile grid on the right; the global image on the left), one
+  cell per token (``scale_factor``-square patch blocks).
 - Vision stage: refused. The connector reads a pixel shuffle of each tile's full patch grid
   (``scale_factor`` x ``scale_factor`` neighbours folded into one token), which a window merge
   inside the tower breaks.
@@ -17,10 +21,17 @@ model at ``model.text_model``.
 
 from __future__ import annotations
 
-from .base import Family, register
+import re
+
+import torch
+
+from ..errors import VistrimError
+from .base import Family, Layout, TokenCells, register
+from .tiles import VIEWS_NOTE, group_runs, image_span, shuffled_cells, stitched, view_origins
 
 ROW_COL = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
 PLACEHOLDERS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *ROW_COL)
+TILE_NAME = re.compile(r"<row_(\d+)_col_(\d+)>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -54,6 +65,62 @@ class Idefics3(Family):
         all-zero images, which the model skips."""
         pixels = inputs.get("pixel_values")
         return 0 if pixels is None else int((pixels != 0).flatten(2).any(-1).sum())
+
+    def image_index(self, inputs: dict, layout: Layout, processor=None) -> torch.Tensor:
+        """Each tile and the global image is a run; an image's last run is the one headed by the
+        processor's ``<global-img>`` tag."""
+        if int(layout.item.max()) <= 0:
+            return layout.item
+        tokenizer = getattr(processor, "tokenizer", None)
+        tag = getattr(processor, "global_image_tag", None) or getattr(processor, "global_image_token", None)
+        if tokenizer is None or tag is None:
+            raise VistrimError(
+                f"{self.name}: which tiles form an image needs the processor's global image tag"
+            )
+        ids = inputs["input_ids"]
+        before = torch.nn.functional.pad(ids[:, :-1], (1, 0), value=-1)
+        return group_runs(layout.item, layout.visual & (before == int(tokenizer.convert_tokens_to_ids(tag))))
+
+    def token_cells(self, inputs: dict, image: int, *, processor=None, image_size=None) -> TokenCells:
+        """Every run of the image is one ``pixel_values`` entry (the row's entries in prompt
+        order), named by the text token before it: ``<row_i_col_j>`` places a tile in the grid,
+        ``<global-img>`` is the whole image (left of the grid). A tile's tokens are its patch grid
+        through the connector's ``pixel_shuffle`` (run on an index probe): one cell per
+        ``scale_factor``-square patch block."""
+        tokenizer = getattr(processor, "tokenizer", None)
+        if inputs.get("pixel_values") is None or tokenizer is None:
+            raise VistrimError(f"{self.name}: token cells need pixel_values and the processor's tokenizer")
+        vision, scale = self.config.vision_config, self.config.scale_factor
+        side = vision.image_size // vision.patch_size
+        local = shuffled_cells(self.name, lambda x: self.core.connector.pixel_shuffle(x, scale), side, scale)
+        layout = self.layout(inputs["input_ids"], inputs)
+        where, _ = image_span(self.image_index(inputs, layout, processor), image)
+        row, start = int(where[0, 0]), int(where[0, 1])
+        item, ids = layout.item[row], inputs["input_ids"][row]
+        first = int(item[start])  # the row's runs before this image: its entries before this one's
+        grid = []
+        for run in range(first, int(item[where[-1, 1]]) + 1):
+            head = int((item == run).nonzero()[0, 0])
+            name = tokenizer.convert_ids_to_tokens(int(ids[head - 1])) if head else ""
+            match = TILE_NAME.fullmatch(name or "")
+            if len((item == run).nonzero()) != len(local) or not (match or "global" in name):
+                raise VistrimError(
+                    f"{self.name}: run {run} of the prompt is not a named tile of {len(local)} tokens"
+                )
+            grid.append((int(match[1]) - 1, int(match[2]) - 1) if match else (-1, -1))
+        if (
+            first + len(grid) > inputs["pixel_values"].shape[1]
+            or grid.count((-1, -1)) != 1
+            or len(set(grid)) < len(grid)
+        ):
+            raise VistrimError(
+                f"{self.name}: image {image} is not tiles and one global image of pixel_values"
+            )
+        origins = view_origins(grid, side // scale)
+        placed = [(first + t, top, left) for t, (top, left) in enumerate(origins)]
+        return stitched(
+            placed, local, side // scale, vision.patch_size * scale, VIEWS_NOTE.format("global image")
+        )
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa", *, smolvlm: bool = False):
