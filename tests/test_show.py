@@ -5,6 +5,7 @@ merge map and key set; one-line errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -21,6 +22,7 @@ from vistrim.families.idefics3 import Idefics3
 from vistrim.families.internvl import InternVL
 from vistrim.families.llava_next import LlavaNext
 from vistrim.families.llava_onevision import LlavaOnevision
+from vistrim.families.mistral3 import Mistral3
 from vistrim.families.qwen2_vl import Qwen2VL
 from vistrim.ops.mustdrop import grid_windows, merge_plan, merge_windows, patch_tokens, window_similarity
 from vistrim.show import show
@@ -489,3 +491,75 @@ def test_idefics3_tiles_are_refused_without_the_processor():
         family.image_index(inputs, family.layout(inputs["input_ids"], inputs))
     with pytest.raises(VistrimError, match="token cells need pixel_values and the processor's tokenizer"):
         family.token_cells(inputs, 0)
+
+
+needs_torchvision = pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None,
+    reason="Mistral 3's tiny processor (Pixtral) needs torchvision",
+)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("size", SIZES)
+def test_pixtral_rows_place_every_token_once(size):
+    """Mistral 3: one run of placeholders per row of merged patch cells ([IMG_BREAK] between them,
+    [IMG_END] after the last), all of them the image's; run r holds the cells of grid row r."""
+    model, _, _, inputs, grid, positions = cells_and_positions(Mistral3.tiny, size)
+    layout = family_for(model).layout(inputs["input_ids"], inputs)
+    height, width = inputs["image_sizes"][0].tolist()
+    step = grid.cell_pixels
+    assert (grid.rows, grid.cols) == (height // step, width // step) and grid.tiles == ((0, 0, 0),)
+    assert len(positions) == int(layout.visual.sum()) == grid.rows * grid.cols
+    assert int(layout.item.max()) + 1 == grid.rows
+    runs = layout.item[0, positions].tolist()
+    assert sorted(c for cells in grid.cells for c in cells) == list(range(grid.rows * grid.cols))
+    assert all(cells[0] // grid.cols == run for cells, run in zip(grid.cells, runs))
+
+
+@needs_torchvision
+@pytest.mark.parametrize("size", [(32, 32), (100, 40)])
+def test_pixtral_rows_put_each_token_where_its_pixels_are(size):
+    model, _, _, inputs, grid, positions = cells_and_positions(Mistral3.tiny, size)
+    for k, cells in enumerate(grid.cells):
+        assert perturbed_tokens(model, inputs, grid, positions, cells[0]) == [k]
+
+
+@needs_torchvision
+def test_show_pixtral_rows_match_session_stats():
+    model, processor = Mistral3.tiny()
+    image = random_image(40, 32, seed=2)
+    inputs = build_inputs(processor, image, "what color is the shape ?")
+    shown, record, prefill, counts = shown_matching_stats(
+        model, processor, inputs, image, build("fastv", keep=0.5)
+    )
+    tokens = len(shown.token_map.positions)
+    assert record["picture_tokens"] == int(counts[0]) == tokens > len(prefill[-1]["kept_tokens"])
+    check_picture(shown.picture, record)
+
+
+@pytest.mark.parametrize("family_name", ["internvl", "aya_vision", "idefics3"])
+def test_show_refuses_several_images_and_videos_on_tile_families(family_name):
+    """Two images in one prompt (several runs each for Aya Vision and Idefics3: image_index groups
+    them into two images) and video inputs are refused in one line."""
+    from vistrim.show import token_map
+
+    model, processor = SHUFFLED[family_name]()
+    family = family_for(model)
+    text = processor.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what ?"}],
+            }
+        ],
+        add_generation_prompt=True,
+    )
+    two = processor(images=[smooth_image(64, 32), smooth_image(32, 32)], text=[text], return_tensors="pt")
+    images = family.image_index(two, family.layout(two["input_ids"], two), processor)
+    assert int(images.max()) == 1
+    with pytest.raises(VistrimError, match="^show needs one prompt with one image$"):
+        token_map(family, two, None, processor, (32, 64))
+    if family_name == "internvl":
+        one = build_inputs(processor, smooth_image(32, 32), "what ?")
+        with pytest.raises(VistrimError, match="token cells are known for image-only prompts"):
+            family.token_cells({**one, "pixel_values_videos": torch.zeros(1)}, 0, processor=processor)

@@ -1,13 +1,14 @@
 """A picture of what a method keeps: the visual tokens each decoder layer processed, on the image.
 
-The picture the model saw is cut into its family's token grid (``Family.token_cells``: the tower's
-patch grid for LLaVA, the merged patch grid for Qwen2-VL, the base tile,
-thumbnail or global image beside the stitched high-resolution tiles for LLaVA-NeXT, OneVision,
-InternVL, Aya Vision and Idefics3 / SmolVLM, newline rows left out; one cell per
-pixel-shuffled token). The image's placeholders are every run ``Family.image_index`` puts in it
-(one run per image, or one per tile for Aya Vision and Idefics3); the families
-whose inputs do not carry the tile grid get the processor and the original image size. One
-image per prompt: several images, and videos, are refused in one line. One panel per run of
+The picture the model saw is cut into its family's token grid (``Family.token_cells``): the
+tower's patch grid for LLaVA; the merged patch grid for Qwen2-VL and Mistral 3 (Pixtral); for
+LLaVA-NeXT, OneVision, InternVL, Aya Vision and Idefics3 / SmolVLM the whole image (base tile,
+thumbnail or global image) on the left and the high-resolution tiles stitched into their grid on
+the right; newline rows cover nothing; a pixel-shuffled or merged token is one cell. The image's
+placeholders are all the runs ``Family.image_index`` puts in it, in prompt order (one run per
+image, or one per tile or row: Aya Vision, Idefics3, Mistral 3); ``token_cells`` also gets the
+processor and the original image size, which InternVL and Aya Vision need for their tile grid.
+One image per prompt: several images, and videos, are refused in one line. One panel per run of
 consecutive layers that processed the same visual tokens in prefill, dropped cells dimmed; for
 methods that evict while decoding (ST³'s annealing, MustDrop's cache stage) a second group of
 panels shows what each layer's cache held after the last step. MustDrop's merged windows (several

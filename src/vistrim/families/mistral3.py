@@ -6,6 +6,9 @@ Mistral language model.
   cell; each row of an image ends in ``[IMG_BREAK]`` and the image in ``[IMG_END]``: text tokens,
   never dropped (so an image is several runs of placeholders, one per row).
 - Positions and mask: 1-D rotary positions and a causal mask, as the defaults.
+- ``vistrim show``: the runs up to ``[IMG_END]`` form the image (``image_index``, through the
+  processor's ``image_end_token_id``); one cell per token (a merged 2x2 patch cell), placed by
+  the projector's own patch merger run on an index probe.
 - Refused at ``trim()``: a sliding window (``sliding_window`` set, the base check), and language
   models that scale queries by position (Ministral 3's ``llama_4_scaling_beta``: the runtime
   rebuilds query rows from ``q_proj`` and rotary embeddings only).
@@ -17,8 +20,11 @@ Mistral language model.
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import VistrimError
-from .base import Family, register
+from .base import Family, Layout, TokenCells, register
+from .tiles import group_runs, image_span, shuffled_cells
 
 PLACEHOLDERS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 CHAT_TEMPLATE = (
@@ -49,6 +55,57 @@ class Mistral3(Family):
                 f"{self.name}: a language model that scales queries by position (llama_4_scaling_beta, "
                 f"{self.text_config.model_type}) is not supported"
             )
+
+    def image_index(self, inputs: dict, layout: Layout, processor=None) -> torch.Tensor:
+        """Each row of an image is a run (``[IMG_BREAK]`` between them); an image's last run is
+        followed by the processor's ``[IMG_END]``."""
+        if int(layout.item.max()) <= 0:
+            return layout.item
+        end = getattr(processor, "image_end_token_id", None)
+        if end is None:
+            raise VistrimError(
+                f"{self.name}: which rows form an image needs the processor's image_end_token_id"
+            )
+        after = torch.nn.functional.pad(inputs["input_ids"][:, 1:], (0, 1), value=-1)
+        return group_runs(layout.item, layout.visual & (after == int(end)))
+
+    def token_cells(self, inputs: dict, image: int, *, processor=None, image_size=None) -> TokenCells:
+        """Image ``image`` is ``pixel_values`` entry ``image`` (its top-left ``image_sizes`` part,
+        the rest batch padding): one token per merged patch cell, its order found by running the
+        projector's patch merger on an index probe (stopped before its merging layer)."""
+        sizes = inputs.get("image_sizes")
+        if inputs.get("pixel_values") is None or sizes is None:
+            raise VistrimError(f"{self.name}: token cells need pixel_values and image_sizes")
+        merger = self.core.multi_modal_projector.patch_merger
+        patch, scale = merger.patch_size, merger.spatial_merge_size
+        height, width = (int(v) // patch for v in torch.as_tensor(sizes)[image].tolist())
+        where, _ = image_span(
+            self.image_index(inputs, self.layout(inputs["input_ids"], inputs), processor), image
+        )
+        if (height // scale) * (width // scale) != len(where):
+            raise VistrimError(
+                f"{self.name}: image {image} has {len(where)} tokens, not its merged patch grid"
+            )
+
+        def merged(probe):
+            seen = []
+
+            def stop(_module, args):
+                seen.append(args[0])
+                raise _Probed
+
+            handle = merger.merging_layer.register_forward_pre_hook(stop)
+            try:
+                merger(probe[0], torch.tensor([[height * patch, width * patch]]))
+            except _Probed:
+                pass
+            finally:
+                handle.remove()
+            return seen[0]
+
+        local = shuffled_cells(self.name, merged, height, scale, width)
+        cells = [[cell] for cell in local]
+        return TokenCells(height // scale, width // scale, cells, ((image, 0, 0),), patch * scale)
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa"):
@@ -95,3 +152,7 @@ class Mistral3(Family):
         return seeded(
             Mistral3ForConditionalGeneration, config, seed, attn_implementation, tokenizer
         ), processor
+
+
+class _Probed(Exception):
+    """Stops the patch merger of a token-order probe before its merging layer."""

@@ -1,8 +1,9 @@
-"""Token geometry shared by the families whose images are tiles of pixel-shuffled patches
-(InternVL, Aya Vision, Idefics3 / SmolVLM), for ``Family.token_cells`` (``vistrim show``).
+"""Token geometry shared by the families whose tokens fold blocks of patches (InternVL, Aya
+Vision, Idefics3 / SmolVLM: tiles of pixel-shuffled patches; Mistral 3: Pixtral's patch merger),
+for ``Family.token_cells`` (``vistrim show``).
 
 - ``shuffled_cells``: where each token of a tile lies, found by running the model's own pixel
-  shuffle on a probe of patch indices (never a hard-coded permutation).
+  shuffle (or patch merger) on a probe of patch indices (never a hard-coded permutation).
 - ``got_ocr2_grid``: the tile grid a GotOcr2 image processor cut an image into, by that
   processor's own ``get_optimal_tiled_canvas``, checked against the tile count.
 - ``stitched``: the tiles placed as LLaVA-NeXT places its views: the whole image (thumbnail or
@@ -23,23 +24,27 @@ from .base import TokenCells
 VIEWS_NOTE = "left: the whole image ({}); right: the high-resolution tiles"
 
 
-def shuffled_cells(name: str, shuffle: Callable, side: int, scale: int) -> list[int]:
-    """Per token of a tile, in the order the model emits them, the raster index of its cell in the
-    (side/scale) x (side/scale) grid; one cell = one aligned scale x scale block of patches.
+def shuffled_cells(
+    name: str, shuffle: Callable, side: int, scale: int, width: int | None = None
+) -> list[int]:
+    """Per token of a tile of ``side`` x ``width`` (default ``side``) patches, in the order the
+    model emits them, the raster index of its cell in the (side/scale) x (width/scale) grid; one
+    cell = one aligned scale x scale block of patches.
 
-    ``shuffle`` maps patch features (1, side*side, 1) to the tile's tokens (1, m, scale*scale)
-    (any shape whose last dimension is a token's channels); it gets float64 patch indices, so each
-    token's channels name the patches it folded. Refused unless every token is one whole block."""
-    probe = torch.arange(side * side, dtype=torch.float64).view(1, -1, 1)
+    ``shuffle`` maps patch features (1, side*width, 1) to the tile's tokens (any shape whose last
+    dimension is a token's channels); it gets float64 patch indices, so each token's channels
+    name the patches it folded. Refused unless the tokens are the blocks, each once."""
+    width = width or side
+    probe = torch.arange(side * width, dtype=torch.float64).view(1, -1, 1)
     folded = shuffle(probe)
     folded = folded.reshape(-1, folded.shape[-1])
     cells = []
     for patches in folded.round().long().tolist():
-        rows, cols = {p // side // scale for p in patches}, {p % side // scale for p in patches}
+        rows, cols = {p // width // scale for p in patches}, {p % width // scale for p in patches}
         if len(set(patches)) != scale * scale or len(rows) != 1 or len(cols) != 1:
             raise VistrimError(f"{name}: a token of the pixel shuffle is not one {scale}x{scale} patch block")
-        cells.append(rows.pop() * (side // scale) + cols.pop())
-    if sorted(cells) != list(range((side // scale) ** 2)):
+        cells.append(rows.pop() * (width // scale) + cols.pop())
+    if sorted(cells) != list(range((side // scale) * (width // scale))):
         raise VistrimError(f"{name}: the pixel shuffle's tokens do not cover the tile once")
     return cells
 
