@@ -70,7 +70,8 @@ class TokenCells:
     indices of the cells placeholder ``k`` of the image (prompt order) covers, empty for rows that
     are no part of the picture (LLaVA-NeXT's newline rows). ``tiles`` says how the picture is
     stitched from the image's ``pixel_values`` entries: ``(entry, top, left)`` per tower tile, in
-    cells, ``cell_pixels`` pixels of the tile per cell (the patch size); empty: the image itself
+    cells, ``cell_pixels`` pixels of the tile per cell (the patch size; patch size x scale where a
+    token folds scale x scale patches: pixel shuffle, patch merger); empty: the image itself
     spans the grid (a processor that resizes without cropping). ``entry`` indexes
     ``pixel_values`` (N, C, H, W), or the image's own tiles of (N, T, C, H, W). ``note`` explains a
     layout of several views."""
