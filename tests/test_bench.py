@@ -22,6 +22,7 @@ from vistrim.bench.runner import cache_bytes, unpruned_prefill_bytes
 from vistrim.bench.specs import build_configs, parse_budgets, parse_method_specs
 from vistrim.bench.timing import spread, timing_from_stamps
 from vistrim.compat import output_cache
+from vistrim.models.testbed import TESTBED_DIR
 
 # d=4, d_kv=2, m=8; tower: d=2, m=4, 2 layers, 4x4 image with 2x2 patches -> 4 patches + CLS.
 SHAPE = FlopsShape(
@@ -181,6 +182,19 @@ SCHEMA = {
         "kv_ratio_prefill", "kv_ratio_final", "overhead", "peak_memory_bytes", "identical", "kl_first_token",
     ],
 }  # fmt: skip
+
+
+@pytest.mark.skipif(not TESTBED_DIR.exists(), reason="the shipped test-bed is missing")
+def test_bench_on_the_testbed_points_to_testbed2_for_a_ranking(capsys, tmp_path):
+    """The README's main job measures accuracy on a test-bed that cannot rank the methods: it says
+    so and names the command that can (test-bed 2); other models do not get that line."""
+    argv = ["bench", "--methods", "fastv", "--budgets", "0.5", "--repeats", "1", "--samples", "3"]
+    code, stdout, err = run_cli(capsys, *argv, "--new-tokens", "2", "--out", str(tmp_path / "bench"))
+    assert code == 0, err
+    assert "vistrim bench --model testbed2" in " ".join(stdout.split())
+    code, stdout, err = run_cli(capsys, *argv, "--model", "tiny", "--out", str(tmp_path / "tiny"))
+    assert code == 0, err
+    assert "testbed2" not in stdout
 
 
 def test_bench_quick_on_tiny_writes_table_json_and_plots(capsys, tmp_path):

@@ -120,4 +120,11 @@ def run_bench(args: argparse.Namespace) -> int:
         model, processor = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
     document, rows = bench(model, processor, specs, plan, budgets)
     write_outputs(document, rows, plan, args.out, console)
+    if args.model == "testbed" and plan.labelled and plan.samples:
+        console.print(
+            "accuracy on this test-bed does not rank the methods (a few tokens carry its one flat shape); "
+            "for a ranking at LLaVA-1.5 geometry: vistrim bench --model testbed2 (8 min) or "
+            "vistrim eval --model testbed2 (5 min)",
+            highlight=False,
+        )
     return 0
