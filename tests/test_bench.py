@@ -22,7 +22,6 @@ from vistrim.bench.runner import cache_bytes, unpruned_prefill_bytes
 from vistrim.bench.specs import build_configs, parse_budgets, parse_method_specs
 from vistrim.bench.timing import spread, timing_from_stamps
 from vistrim.compat import output_cache
-from vistrim.models.testbed import TESTBED_DIR
 
 # d=4, d_kv=2, m=8; tower: d=2, m=4, 2 layers, 4x4 image with 2x2 patches -> 4 patches + CLS.
 SHAPE = FlopsShape(
@@ -184,7 +183,6 @@ SCHEMA = {
 }  # fmt: skip
 
 
-@pytest.mark.skipif(not TESTBED_DIR.exists(), reason="the shipped test-bed is missing")
 def test_bench_on_the_testbed_points_to_testbed2_for_a_ranking(capsys, tmp_path):
     """The README's main job measures accuracy on a test-bed that cannot rank the methods: it says
     so and names the command that can (test-bed 2); other models do not get that line."""

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import VistrimError
 from .base import Family, Layout, TokenCells, register
-from .tiles import VIEWS_NOTE, got_ocr2_grid, group_runs, image_span, shuffled_cells, stitched, view_origins
+from .tiles import got_ocr2_cells, group_runs, shuffled_cells
 
 TILES = tuple(f"TILE_{i}" for i in range(1, 13))
 PLACEHOLDERS = (
@@ -92,18 +92,16 @@ class AyaVision(Family):
             )
         side = vision.image_size // vision.patch_size
         local = shuffled_cells(self.name, self.core.multi_modal_projector.pixel_shuffle, side, scale)
-        layout = self.layout(inputs["input_ids"], inputs)
-        where, before = image_span(self.image_index(inputs, layout, processor), image)
-        tiles, first = len(where) // len(local), before // len(local)
-        if tiles * len(local) != len(where) or first + tiles > inputs["pixel_values"].shape[0]:
-            raise VistrimError(f"{self.name}: {len(where)} placeholders are not whole tiles of {len(local)}")
-        image_processor = getattr(processor, "image_processor", None)
-        rows, cols = got_ocr2_grid(self.name, image_processor, image_size, tiles)
-        grid = [(t // cols, t % cols) for t in range(rows * cols)] + [(-1, -1)]
-        origins = view_origins(grid[-tiles:], side // scale)
-        placed = [(first + t, top, left) for t, (top, left) in enumerate(origins)]
-        return stitched(
-            placed, local, side // scale, vision.patch_size * scale, VIEWS_NOTE.format("global tile")
+        return got_ocr2_cells(
+            self,
+            inputs,
+            image,
+            processor,
+            image_size,
+            local,
+            side // scale,
+            vision.patch_size * scale,
+            "global tile",
         )
 
     @classmethod

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..errors import VistrimError
 from .base import Family, TokenCells, register
-from .tiles import VIEWS_NOTE, got_ocr2_grid, image_span, shuffled_cells, stitched, view_origins
+from .tiles import got_ocr2_cells, shuffled_cells
 
 PLACEHOLDERS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
 CHAT_TEMPLATE = (
@@ -69,17 +69,9 @@ class InternVL(Family):
             return folded.reshape(1, -1, folded.shape[-1])
 
         local = shuffled_cells(self.name, shuffle, side, scale)
-        layout = self.layout(inputs["input_ids"], inputs)
-        where, before = image_span(self.image_index(inputs, layout, processor), image)
-        tiles, first = len(where) // len(local), before // len(local)
-        if tiles * len(local) != len(where) or first + tiles > inputs["pixel_values"].shape[0]:
-            raise VistrimError(f"{self.name}: {len(where)} placeholders are not whole tiles of {len(local)}")
-        image_processor = getattr(processor, "image_processor", None)
-        rows, cols = got_ocr2_grid(self.name, image_processor, image_size, tiles)
-        grid = [(t // cols, t % cols) for t in range(rows * cols)] + [(-1, -1)]
-        origins = view_origins(grid[-tiles:], side // scale)
-        placed = [(first + t, top, left) for t, (top, left) in enumerate(origins)]
-        return stitched(placed, local, side // scale, patch[0] * scale, VIEWS_NOTE.format("thumbnail"))
+        return got_ocr2_cells(
+            self, inputs, image, processor, image_size, local, side // scale, patch[0] * scale, "thumbnail"
+        )
 
     @classmethod
     def tiny(cls, seed: int = 0, attn_implementation: str = "sdpa", *, text: str = "qwen2"):

@@ -111,3 +111,30 @@ def image_span(images: torch.Tensor, image: int) -> tuple[torch.Tensor, int]:
     if len(where) == 0:
         raise VistrimError(f"the prompts hold {int(per_row.sum())} images; there is no image {image}")
     return where, int(((numbered >= 0) & (numbered < image)).sum())
+
+
+def got_ocr2_cells(
+    family,
+    inputs: dict,
+    image: int,
+    processor,
+    image_size,
+    local: list[int],
+    side: int,
+    cell_pixels: int,
+    whole: str,
+) -> TokenCells:
+    """TokenCells of a GotOcr2-tiled image (InternVL, Aya Vision): its placeholders are whole tiles
+    of ``len(local)`` tokens (``pixel_values`` entries in prompt order, the ``whole``-image view
+    last when there are several), stitched in the image processor's own grid for ``image_size``;
+    ``side`` = tokens per tile side."""
+    layout = family.layout(inputs["input_ids"], inputs)
+    where, before = image_span(family.image_index(inputs, layout, processor), image)
+    tiles, first = len(where) // len(local), before // len(local)
+    if tiles * len(local) != len(where) or first + tiles > inputs["pixel_values"].shape[0]:
+        raise VistrimError(f"{family.name}: {len(where)} placeholders are not whole tiles of {len(local)}")
+    image_processor = getattr(processor, "image_processor", None)
+    rows, cols = got_ocr2_grid(family.name, image_processor, image_size, tiles)
+    grid = [(t // cols, t % cols) for t in range(rows * cols)] + [(-1, -1)]
+    placed = [(first + t, top, left) for t, (top, left) in enumerate(view_origins(grid[-tiles:], side))]
+    return stitched(placed, local, side, cell_pixels, VIEWS_NOTE.format(whole))
