@@ -77,28 +77,38 @@ def centre_patches(scene: shapes.Scene, grid: int) -> list[int]:
     ]
 
 
-def patch_targets(scene: shapes.Scene, grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per patch (raster order): colour class (0 background, 1 + colour), kind (IGNORE off shapes)
-    and whether it holds a shape's centre. A patch belongs to the shape covering most of it, if that
-    shape covers at least 30%."""
+def patch_targets(scene: shapes.Scene, grid: int) -> tuple[torch.Tensor, ...]:
+    """Per patch (raster order): colour class (0 background, 1 + colour), kind (IGNORE off shapes),
+    whether it holds a shape's centre, and two scene-level facts written onto the shape's own
+    patches (IGNORE off shapes): its side rank (0 leftmost shape, 1 rightmost, 2 between, by box
+    centre) and how many shapes of its kind the scene holds, less one. A patch belongs to the shape
+    covering most of it, if that shape covers at least 30%."""
     cover = shapes.patch_coverage(scene)
     best, share = cover.argmax(0), cover.max(0)
     on = share >= 0.3
     colour = np.array([shapes.COLORS.index(s.color) + 1 for s in scene.shapes])[best]
     kind = np.array([shapes.KINDS.index(s.kind) for s in scene.shapes])[best]
+    xs = [s.center_x for s in scene.shapes]
+    rank = np.full(len(xs), 2)
+    rank[int(np.argmax(xs))], rank[int(np.argmin(xs))] = 1, 0
+    same = np.array([sum(t.kind == s.kind for t in scene.shapes) - 1 for s in scene.shapes])
+    side, many = rank[best], same[best]
     colour, kind = np.where(on, colour, 0), np.where(on, kind, IGNORE)
+    side, many = np.where(on, side, IGNORE), np.where(on, many, IGNORE)
     assert cover.shape[1] == grid
     centre = torch.zeros(grid * grid)
     centre[centre_patches(scene, grid)] = 1.0
-    return torch.from_numpy(colour.reshape(-1)), torch.from_numpy(kind.reshape(-1)), centre
+    flat = (torch.from_numpy(a.reshape(-1)) for a in (colour, kind))
+    return *flat, centre, torch.from_numpy(side.reshape(-1)), torch.from_numpy(many.reshape(-1))
 
 
 class PatchHeads(nn.Module):
     """Dense supervised heads on the tower's layer -2 patch tokens (dropped after stage a)."""
 
-    def __init__(self, hidden: int, grid: int):
+    def __init__(self, hidden: int, grid: int, scene_weight: float = 0.0):
         super().__init__()
         self.grid = grid
+        self.scene_weight = scene_weight
         self.norm = nn.LayerNorm(hidden)  # the feature layer output is the raw residual stream
         self.colour = nn.Linear(hidden, 1 + len(shapes.COLORS))
         self.kind = nn.Linear(hidden, len(shapes.KINDS))
@@ -106,8 +116,11 @@ class PatchHeads(nn.Module):
         self.row = nn.Linear(hidden, grid)
         # one patch per object says "an object is centred here": what counting needs
         self.centre = nn.Linear(hidden, 1)
+        # scene facts on each shape's patches (what relation and count questions ask, kept local)
+        self.side = nn.Linear(hidden, 3)
+        self.many = nn.Linear(hidden, len(shapes.COUNTS) - 1)
 
-    def loss(self, tower, pixels, colour, kind, centre) -> dict:
+    def loss(self, tower, pixels, colour, kind, centre, side, many) -> dict:
         feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         feats = self.norm(feats)
         n = feats.shape[1]
@@ -133,7 +146,17 @@ class PatchHeads(nn.Module):
             centre_recall = hit[centre > 0].float().mean()
             centre_precision = (centre[hit] > 0).float().mean() if hit.any() else torch.zeros(())
         total = colour_loss + kind_loss + 0.25 * pos_loss + 0.5 * centre_loss
+        extra = {}
+        if self.scene_weight > 0:
+            side_logits, many_logits = self.side(feats), self.many(feats)
+            side_loss = F.cross_entropy(side_logits.transpose(1, 2), side, ignore_index=IGNORE)
+            many_loss = F.cross_entropy(many_logits.transpose(1, 2), many, ignore_index=IGNORE)
+            total = total + self.scene_weight * (side_loss + many_loss)
+            with torch.no_grad():
+                extra["side_acc"] = (side_logits.argmax(-1)[on] == side[on]).float().mean()
+                extra["many_acc"] = (many_logits.argmax(-1)[on] == many[on]).float().mean()
         return {
+            **extra,
             "loss": total,
             "colour_acc": colour_acc,
             "kind_acc": kind_acc,
@@ -149,7 +172,7 @@ def vision_batch(processor, step: int, args, grid: int):
     )
     targets = [patch_targets(s, grid) for s in scenes]
     pixels = pixels_of(processor, [shapes.render(s) for s in scenes])
-    return pixels, *(torch.stack([t[i] for t in targets]) for i in range(3))
+    return pixels, *(torch.stack([t[i] for t in targets]) for i in range(5))
 
 
 # ----------------------------------------------------------------------------------------- stage b
@@ -451,13 +474,14 @@ def train(model, processor, args, ckpt: Path) -> dict:
     state = torch.load(ckpt, weights_only=False) if args.resume and ckpt.exists() else {}
     tower = model.model.vision_tower
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    heads = PatchHeads(tower.config.hidden_size, grid)
+    heads = PatchHeads(tower.config.hidden_size, grid, args.scene_heads)
     timings = dict(state.get("timings", {}))
-    done_vision = (
-        state.get("stage") == "lm"
-        or (state.get("stage") == "vision" and state["step"] >= args.vision_steps)
-        or (args.init_from is not None and not state)
+    # from --init-from, the vision stage runs only --refine-vision steps (fresh heads)
+    vision_steps = args.vision_steps if args.init_from is None else args.refine_vision
+    done_vision = state.get("stage") == "lm" or (
+        state.get("stage") == "vision" and state["step"] >= vision_steps
     )
+    done_vision = done_vision or vision_steps == 0
     if done_vision and state.get("stage") == "vision":
         model.load_state_dict(state["model"])
 
@@ -465,14 +489,13 @@ def train(model, processor, args, ckpt: Path) -> dict:
         tower.train()
 
         def vision_step(step):
-            pixels, colour, kind, centre = vision_batch(processor, step, args, grid)
-            out = heads.loss(tower, pixels, colour, kind, centre)
+            out = heads.loss(tower, *vision_batch(processor, step, args, grid))
             return out.pop("loss"), {k: v.item() for k, v in out.items()}
 
         groups = [{"params": list(tower.parameters()) + list(heads.parameters()), "lr": args.vision_lr}]
         modules = {"model": model, "heads": heads}
         timings["vision_s"] = train_stage(
-            "vision", model, groups, modules, vision_step, args.vision_steps, args, ckpt, state
+            "vision", model, groups, modules, vision_step, vision_steps, args, ckpt, state
         )
     state["timings"] = timings
 
@@ -576,9 +599,22 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
     if args.init_from is not None:
         continued = (
             f"This run started from the weights of `{args.init_from}` (a test-bed 2 this script trained; "
-            "its card gives the recipe and time of its stages): stage 1 did not run again, and stage 2 ran "
-            f"{args.lm_steps} more steps with a fresh optimiser, schedule and scaffold. The times below are "
-            "this run's alone.\n"
+            "its card gives the recipe and time of its stages): "
+            + (
+                f"stage 1 ran {args.refine_vision} more steps on the loaded tower with fresh heads"
+                if args.refine_vision
+                else "stage 1 did not run again"
+            )
+            + f", and stage 2 ran {args.lm_steps} more steps with a fresh optimiser, schedule and scaffold. "
+            "The times below are this run's alone.\n"
+        )
+    scene_heads = ""
+    if args.scene_heads > 0:
+        scene_heads = (
+            "; on shape patches two scene facts, written onto the shape's own patches so that they stay "
+            "local: the shape's side rank (leftmost / rightmost / between, by box centre: the only "
+            "shape left of X is the leftmost one) and how many shapes of its kind the scene holds "
+            f"(weight {args.scene_heads} each)"
         )
     card = f"""# vistrim test-bed 2: small shapes on photos at LLaVA-1.5 geometry
 
@@ -631,7 +667,7 @@ separate random stream.
    cosine, {args.warmup} warm-up steps): dense heads on the layer -2 patch tokens: colour of the shape
    covering the patch or background (shape patches weighted 4x), kind of shape on shape patches, the
    patch's column and row (weight 0.25), and whether the patch holds a shape's centre (weight 0.5,
-   one patch per object, for counting). Heads discarded afterwards.
+   one patch per object, for counting){scene_heads}. Heads discarded afterwards.
 2. Projector + language model ({args.lm_steps} steps of {args.lm_images} fresh scenes with up to
    {args.per_type} questions of every type each, AdamW lr {args.lm_lr}, cosine; vision tower at
    {args.tower_lr_scale} x that lr, 0 = frozen):
@@ -702,8 +738,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--init-from",
         type=Path,
-        help="start from this saved test-bed 2 folder's weights (e.g. the shipped one): the vision stage is "
-        "skipped and stage 2 runs --lm-steps more steps with a fresh optimiser, schedule and scaffold",
+        help="start from this saved test-bed 2 folder's weights (e.g. the shipped one): the vision stage runs "
+        "--refine-vision steps (default 0: skipped) and stage 2 runs --lm-steps more steps with a fresh "
+        "optimiser, schedule and scaffold",
+    )
+    p.add_argument("--refine-vision", type=int, default=0, help="with --init-from: vision-stage steps first")
+    p.add_argument(
+        "--scene-heads",
+        type=float,
+        default=0.0,
+        help="stage a: weight of the per-shape-patch side rank (leftmost/rightmost/between) and same-kind "
+        "count heads (0: off)",
     )
     p.add_argument("--stop-after", type=int, help="stop after N steps of this run (then --resume)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the 2 cores are shared)")

@@ -198,6 +198,42 @@ def test_training_continues_from_a_saved_model(tmp_path: Path):
         script.main([*common[1:], "--out", str(tmp_path / "third"), "--init-from", str(first)])
 
 
+
+def test_refine_vision_runs_the_vision_stage_on_loaded_weights(tmp_path: Path):
+    """--init-from with --refine-vision N: N vision-stage steps (with the scene heads) on the loaded
+    tower, then stage 2; the card says both."""
+    script = _load_script()
+    common = ["--tiny", "--photo-dir", str(shapes.PHOTO_DIR), "--vision-steps", "2", "--vision-batch", "2"]
+    common += ["--lm-steps", "1", "--lm-images", "2", "--warmup", "1", "--per-type", "1", "--no-eval"]
+    common += ["--tower-lr-scale", "0"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    script.main([*common, "--out", str(first)])
+    script.main(
+        [*common, "--out", str(second), "--init-from", str(first), "--refine-vision", "2", "--scene-heads", "1"]
+    )
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    tower = [k for k in a if "vision_tower" in k]
+    assert any(not torch.equal(a[k], b[k]) for k in tower)  # the tower trained again
+    card = (second / "MODEL_CARD.md").read_text()
+    assert "stage 1 ran 2 more steps on the loaded tower" in card and "side rank" in card
+
+
+def test_scene_targets_rank_sides_and_count_kinds():
+    """The stage-a scene facts on each shape's patches: side rank by box centre (0 leftmost,
+    1 rightmost, 2 between) and the number of same-kind shapes less one; IGNORE elsewhere."""
+    script = _load_script()
+    grid = shapes.IMAGE_SIZE // shapes.PATCH_SIZE
+    for scene in shapes.make_scenes("train", 6, 0):
+        colour, kind, centre, side, many = script.patch_targets(scene, grid)
+        on = colour > 0
+        assert ((side == script.IGNORE) == ~on).all() and ((many == script.IGNORE) == ~on).all()
+        xs = [s.center_x for s in scene.shapes]
+        for i, s in enumerate(scene.shapes):
+            at = script.centre_patches(scene, grid)[i]
+            want = 0 if xs[i] == min(xs) else 1 if xs[i] == max(xs) else 2
+            assert side[at] == want
+            assert many[at] == sum(t.kind == s.kind for t in scene.shapes) - 1
+
 # ---------------------------------------------------------------------- the shipped model
 @needs_model
 def test_shipped_testbed2_is_a_stock_llava_at_llava_geometry():
