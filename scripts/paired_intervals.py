@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 
-def paired(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> tuple[float, float, float]:
+def paired(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> tuple[float, ...]:
     """Mean of a - b in points and its 95% percentile bootstrap interval (questions resampled)."""
     diff = a.astype(float) - b.astype(float)
     draws = rng.integers(0, len(diff), (resamples, len(diff)))
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if unpruned is not None:
         for budget in budgets:
             mean, low, high = paired(base[budget]["correct"], unpruned, args.resamples, rng)
-            print(f"\n{args.against} at {budget[0]} against unpruned: {mean:+.1f} [{low:+.1f}, {high:+.1f}]", end="")
-        print()
+            print(f"\n{args.against} at {budget[0]} against unpruned: {mean:+.1f} [{low:+.1f}, {high:+.1f}]")
     return 0
 
 

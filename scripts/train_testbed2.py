@@ -738,8 +738,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--init-from",
         type=Path,
-        help="start from this saved test-bed 2 folder's weights (e.g. the shipped one): the vision stage runs "
-        "--refine-vision steps (default 0: skipped) and stage 2 runs --lm-steps more steps with a fresh "
+        help="start from this saved test-bed 2 folder's weights (e.g. the shipped one): the vision stage "
+        "runs --refine-vision steps (default 0: skipped) and stage 2 runs --lm-steps more steps with a fresh "
         "optimiser, schedule and scaffold",
     )
     p.add_argument("--refine-vision", type=int, default=0, help="with --init-from: vision-stage steps first")

@@ -198,7 +198,6 @@ def test_training_continues_from_a_saved_model(tmp_path: Path):
         script.main([*common[1:], "--out", str(tmp_path / "third"), "--init-from", str(first)])
 
 
-
 def test_refine_vision_runs_the_vision_stage_on_loaded_weights(tmp_path: Path):
     """--init-from with --refine-vision N: N vision-stage steps (with the scene heads) on the loaded
     tower, then stage 2; the card says both."""
@@ -208,9 +207,8 @@ def test_refine_vision_runs_the_vision_stage_on_loaded_weights(tmp_path: Path):
     common += ["--tower-lr-scale", "0"]
     first, second = tmp_path / "first", tmp_path / "second"
     script.main([*common, "--out", str(first)])
-    script.main(
-        [*common, "--out", str(second), "--init-from", str(first), "--refine-vision", "2", "--scene-heads", "1"]
-    )
+    refine = ["--init-from", str(first), "--refine-vision", "2", "--scene-heads", "1"]
+    script.main([*common, "--out", str(second), *refine])
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     tower = [k for k in a if "vision_tower" in k]
     assert any(not torch.equal(a[k], b[k]) for k in tower)  # the tower trained again
@@ -233,6 +231,7 @@ def test_scene_targets_rank_sides_and_count_kinds():
             want = 0 if xs[i] == min(xs) else 1 if xs[i] == max(xs) else 2
             assert side[at] == want
             assert many[at] == sum(t.kind == s.kind for t in scene.shapes) - 1
+
 
 # ---------------------------------------------------------------------- the shipped model
 @needs_model
