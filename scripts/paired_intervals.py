@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                 cell += f" (at {reached:.1f} tokens)"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
+    print("\n".join(lines) + "\n")
     if unpruned is not None:
         for budget in budgets:
             mean, low, high = paired(base[budget]["correct"], unpruned, args.resamples, rng)
-            print(f"\n{args.against} at {budget[0]} against unpruned: {mean:+.1f} [{low:+.1f}, {high:+.1f}]")
+            print(f"{args.against} at {budget[0]} against unpruned: {mean:+.1f} [{low:+.1f}, {high:+.1f}]")
     return 0
 
 
