@@ -608,6 +608,7 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
             + f", and stage 2 ran {args.lm_steps} more steps with a fresh optimiser, schedule and scaffold. "
             "The times below are this run's alone.\n"
         )
+    vision_steps = args.vision_steps if args.init_from is None else args.refine_vision
     scene_heads = ""
     if args.scene_heads > 0:
         scene_heads = (
@@ -663,7 +664,7 @@ separate random stream.
 ## Training recipe (`scripts/train_testbed2.py`)
 
 {continued}
-1. Vision tower alone ({args.vision_steps} steps, batch {args.vision_batch}, AdamW lr {args.vision_lr},
+1. Vision tower alone ({vision_steps} steps, batch {args.vision_batch}, AdamW lr {args.vision_lr},
    cosine, {args.warmup} warm-up steps): dense heads on the layer -2 patch tokens: colour of the shape
    covering the patch or background (shape patches weighted 4x), kind of shape on shape patches, the
    patch's column and row (weight 0.25), and whether the patch holds a shape's centre (weight 0.5,
@@ -686,7 +687,7 @@ separate random stream.
 - Seed: {args.seed}; command: `{timings.get("command", "")}`
 - Training wall time: {vision_min:.1f} min (stage 1) + {lm_min:.1f} min (stage 2)
   = {vision_min + lm_min:.1f} min
-- Hardware: {cpu_name()}, {torch.get_num_threads()} torch thread (CPU only, cores shared with other work),
+- Hardware: {cpu_name()}, {torch.get_num_threads()} torch thread(s) (CPU only, cores shared with other work),
   torch {torch.__version__}
 
 ## Results

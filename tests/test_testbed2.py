@@ -207,13 +207,14 @@ def test_refine_vision_runs_the_vision_stage_on_loaded_weights(tmp_path: Path):
     common += ["--tower-lr-scale", "0"]
     first, second = tmp_path / "first", tmp_path / "second"
     script.main([*common, "--out", str(first)])
-    refine = ["--init-from", str(first), "--refine-vision", "2", "--scene-heads", "1"]
+    refine = ["--init-from", str(first), "--refine-vision", "3", "--scene-heads", "1"]
     script.main([*common, "--out", str(second), *refine])
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     tower = [k for k in a if "vision_tower" in k]
     assert any(not torch.equal(a[k], b[k]) for k in tower)  # the tower trained again
     card = (second / "MODEL_CARD.md").read_text()
-    assert "stage 1 ran 2 more steps on the loaded tower" in card and "side rank" in card
+    assert "stage 1 ran 3 more steps on the loaded tower" in card and "side rank" in card
+    assert "Vision tower alone (3 steps" in card
 
 
 def test_scene_targets_rank_sides_and_count_kinds():
