@@ -222,7 +222,7 @@ def test_scene_targets_rank_sides_and_count_kinds():
     1 rightmost, 2 between) and the number of same-kind shapes less one; IGNORE elsewhere."""
     script = _load_script()
     grid = shapes.IMAGE_SIZE // shapes.PATCH_SIZE
-    for scene in shapes.make_scenes("train", 6, 0):
+    for scene in shapes.make_scenes("train", 6, 0, photo_dir=str(shapes.PHOTO_DIR)):
         colour, kind, centre, side, many = script.patch_targets(scene, grid)
         on = colour > 0
         assert ((side == script.IGNORE) == ~on).all() and ((many == script.IGNORE) == ~on).all()
