@@ -328,6 +328,9 @@ class Scaffold(nn.Module):
         self.heads = args.scaffold_heads
         self.norm = nn.LayerNorm(text.hidden_size)
         self.probe = nn.Linear(text.hidden_size, text.vocab_size)
+        if getattr(args, "word_weight", 0) > 0:  # only then: checkpoints of runs without it still load
+            self.word_norm = nn.LayerNorm(text.hidden_size)
+            self.word = nn.Linear(text.hidden_size, text.vocab_size)
         self.tokenizer = processor.tokenizer
 
     def anchors(self, packer, per_image) -> list[tuple[int, int, int, int, int, int]]:
@@ -377,6 +380,11 @@ class Scaffold(nn.Module):
         probe_logits = self.probe(state)
         out["probe"] = F.cross_entropy(probe_logits, answer_ids)
         out["probe_acc"] = (probe_logits.argmax(-1) == answer_ids).float().mean().detach()
+        if hasattr(self, "word"):  # 2b. word: the look-up word is still itself where it looks up
+            looked = torch.tensor([a[2] for a in anchors])
+            word_logits = self.word(self.word_norm(hidden_states[self.look_layer][rows, looked]))
+            out["word"] = F.cross_entropy(word_logits, input_ids[rows, looked])
+            out["word_acc"] = (word_logits.argmax(-1) == input_ids[rows, looked]).float().mean().detach()
         # 3. route: the answer position over everything it sees
         q, k, scale = rebuilt_qk(model, hidden_states, self.route_layer, position_ids)
         answer_at = torch.tensor([a[4] for a in anchors])
@@ -505,6 +513,7 @@ def train(model, processor, args, ckpt: Path) -> dict:
     packer = Packer(processor, type_weights(args))
     scaffold = Scaffold(model, processor, args)
     weights = {"look": args.look_weight, "probe": args.probe_weight, "route": args.route_weight}
+    weights["word"] = args.word_weight
     use_scaffold = any(w > 0 for w in weights.values())
 
     def lm_step(step):
@@ -595,6 +604,12 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
     else:
         results = "Not evaluated (run without `--no-eval`).\n"
     vision_min, lm_min = timings.get("vision_s", 0) / 60, timings.get("lm_s", 0) / 60
+    word_probe = (
+        f"; a linear probe on the look-up word's state at the input of layer {args.look_layer} predicts"
+        f" that word (weight {args.word_weight}: 'left' and 'right' stay apart)"
+        if args.word_weight > 0
+        else ""
+    )
     continued = ""
     if args.init_from is not None:
         continued = (
@@ -682,7 +697,7 @@ separate random stream.
    equal weights); a linear probe
    on the probed word's state predicts the answer (weight {args.probe_weight}); the answer position
    attends to that word in heads 0-{args.scaffold_heads - 1} of a middle layer (weight
-   {args.route_weight}).
+   {args.route_weight}){word_probe}.
 
 - Seed: {args.seed}; command: `{timings.get("command", "")}`
 - Training wall time: {vision_min:.1f} min (stage 1) + {lm_min:.1f} min (stage 2)
@@ -728,6 +743,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--look-layer", type=int, default=0, help="layer whose look-up attention is supervised")
     p.add_argument("--probe-weight", type=float, default=1.0, help="answer-probe loss weight (0: off)")
     p.add_argument("--probe-layer", type=int, help="layer whose input is probed (default: L/4)")
+    p.add_argument(
+        "--word-weight",
+        type=float,
+        default=0.0,
+        help="look-up word probe loss weight: a linear head on the input of the look-up layer at the "
+        "look-up word predicts that word, so that e.g. 'left' and 'right' stay apart (0: off)",
+    )
     p.add_argument("--route-weight", type=float, default=1.0, help="answer-routing loss weight (0: off)")
     p.add_argument("--route-layer", type=int, help="layer whose routing is supervised (default: 3L/8)")
     p.add_argument("--scaffold-heads", type=int, default=2, help="query heads supervised (the first N)")

@@ -217,6 +217,45 @@ def test_refine_vision_runs_the_vision_stage_on_loaded_weights(tmp_path: Path):
     assert "Vision tower alone (3 steps" in card
 
 
+def test_word_probe_keeps_the_look_up_word_and_is_off_by_default(tmp_path: Path):
+    """--word-weight W: a training-only head on the look-up layer's input at the look-up word
+    predicts that word (its target is the word itself); without it the scaffold has no such head,
+    so older checkpoints still load; the card says when it ran."""
+    script = _load_script()
+    model, processor = build_testbed2(0, TINY2_SIZE)
+    packer = script.Packer(processor)
+    batch_args = script.parse_args(
+        ["--out", "unused", "--photo-dir", str(shapes.PHOTO_DIR), "--lm-images", "2"]
+    )
+    pixels, packed, per_image, evidence = script.lm_batch(processor, packer, 0, batch_args)
+    ids, mask, positions, *_ = packed
+    off = script.Scaffold(model, processor, script.parse_args(["--out", "unused"]))
+    assert not hasattr(off, "word") and not any(k.startswith("word") for k in off.state_dict())
+    args = script.parse_args(["--out", "unused", "--word-weight", "1", "--look-layer", "1"])
+    on = script.Scaffold(model, processor, args)
+    anchors = on.anchors(packer, per_image)
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            pixel_values=pixels,
+            attention_mask=mask,
+            position_ids=positions,
+            output_hidden_states=True,
+        )
+    losses = on.losses(model, out.hidden_states, packed, anchors, evidence, packer.image_id)
+    rows = torch.tensor([a[0] for a in anchors])
+    looked = torch.tensor([a[2] for a in anchors])
+    words = processor.tokenizer.convert_ids_to_tokens([int(i) for i in ids[rows, looked]])
+    assert words == [script.key_words(per_image[b][q])[0] for b, q, *_ in anchors]
+    logits = on.word(on.word_norm(out.hidden_states[1][rows, looked]))
+    expected = torch.nn.functional.cross_entropy(logits, ids[rows, looked])
+    torch.testing.assert_close(losses["word"], expected)
+    common = ["--tiny", "--photo-dir", str(shapes.PHOTO_DIR), "--vision-steps", "1", "--vision-batch", "2"]
+    common += ["--lm-steps", "1", "--lm-images", "2", "--warmup", "1", "--per-type", "1", "--no-eval"]
+    script.main([*common, "--out", str(tmp_path / "run"), "--word-weight", "0.5"])
+    assert "predicts that word (weight 0.5" in (tmp_path / "run" / "MODEL_CARD.md").read_text()
+
+
 def test_scene_targets_rank_sides_and_count_kinds():
     """The stage-a scene facts on each shape's patches: side rank by box centre (0 leftmost,
     1 rightmost, 2 between) and the number of same-kind shapes less one; IGNORE elsewhere."""
