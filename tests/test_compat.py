@@ -51,7 +51,7 @@ def test_ci_installs_the_oldest_tested_release():
     assert "vistrim.compat" in script and "TESTED[0]" in script  # the version comes from one place
 
 
-@pytest.mark.parametrize("version", ["5.25.0", "5.30.1", "6.0.0.dev0"])
+@pytest.mark.parametrize("version", ["5.26.0", "5.30.1", "6.0.0.dev0"])
 def test_newer_untested_release_warns_in_one_line(version):
     compat._warn_once.cache_clear()
     if Version(version).major != 5:
@@ -61,7 +61,7 @@ def test_newer_untested_release_warns_in_one_line(version):
     with pytest.warns(compat.VistrimWarning) as record:
         compat.check_transformers(Version(version))
     (message,) = [str(w.message) for w in record]
-    assert version in message and "5.23, 5.24" in message and compat.tested_range() in message
+    assert version in message and "5.23, 5.24, 5.25" in message and compat.tested_range() in message
     assert "\n" not in message
 
 
@@ -76,9 +76,9 @@ def test_older_release_is_refused_in_one_line(version):
 def test_trim_warns_once_on_untested_release_and_still_works(tiny, monkeypatch):
     model, processor = tiny
     compat._warn_once.cache_clear()
-    monkeypatch.setattr(compat, "installed", lambda: Version("5.25.0"))
+    monkeypatch.setattr(compat, "installed", lambda: Version("5.26.0"))
     inputs = encode(processor, ["USER: <image>\nWhat is it? ASSISTANT:"])
-    with pytest.warns(compat.VistrimWarning, match="5.25.0"):
+    with pytest.warns(compat.VistrimWarning, match="5.26.0"):
         with vistrim.trim(model, "fastv", keep=0.5):
             greedy(model, inputs, 2)
     with warnings.catch_warnings():
@@ -104,14 +104,14 @@ def test_cli_names_version_and_range(capsys, monkeypatch):
     assert code != 0 and "internal error" not in err
     assert err.count("\n") == 1 and "5.22.0" in err and compat.tested_range() in err
     compat._warn_once.cache_clear()
-    monkeypatch.setattr(compat, "installed", lambda: Version("5.25.0"))
+    monkeypatch.setattr(compat, "installed", lambda: Version("5.26.0"))
     image = ROOT / "src" / "vistrim" / "assets" / "samples" / "blue-circle.png"
     code, out, err = run_cli(
         capsys, "run", "--model", "tiny", "--image", str(image), "--prompt", "what?", "--max-new-tokens", "2"
     )
     assert code == 0, err
     assert [line for line in err.splitlines() if line] == [err.splitlines()[0]]
-    assert err.startswith("vistrim: warning: transformers 5.25.0 is not tested")
+    assert err.startswith("vistrim: warning: transformers 5.26.0 is not tested")
 
 
 def test_cache_names_come_from_the_installed_signatures(tiny):
@@ -174,3 +174,19 @@ def test_no_deprecation_warnings_in_normal_use(tiny, batch):
     ]
     assert deprecations == []
     assert [m for m in capture.messages if "deprecat" in m.lower()] == []
+
+
+def test_vistrim_loaders_never_kernelize(tiny, tmp_path, monkeypatch):
+    """5.25 made ``from_pretrained`` kernelize by default (hub kernels, code fetched for the device);
+    vistrim's loaders pass ``use_kernels=False`` on every tested release, even with hub kernels
+    switched on in the environment, so a model loads the same everywhere."""
+    from vistrim.models import load_model
+
+    monkeypatch.setenv("USE_HUB_KERNELS", "1")
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert compat.LOAD_OPTIONS == {"use_kernels": False}
+    for spec in (str(tmp_path), "testbed"):
+        loaded, _ = load_model(spec)
+        assert not getattr(loaded, "use_kernels", False), spec

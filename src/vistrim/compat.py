@@ -11,6 +11,11 @@ through the runtime:
   until 5.40, but is *ignored* when both are given), and output objects carry ``.cache``.
 - 5.24 gave ``Cache.update`` a ``kwargs=`` argument (``DynamicLayer.update`` takes ``**kwargs``, so
   subclasses that do not override ``update`` need nothing).
+- 5.25 turned hub kernels on by default in ``from_pretrained`` (``use_kernels=None`` means True
+  unless ``USE_HUB_KERNELS=0``; it then requires the ``kernels`` package and "kernelizes" RMSNorm,
+  rotary and activation layers, fetching kernel code from the hub for the device). vistrim's loaders
+  pass ``LOAD_OPTIONS`` (``use_kernels=False``, the default of 5.23 and 5.24), so a model loads the
+  same on every tested release and never runs code fetched from the hub.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from packaging.version import Version
 from .errors import VistrimError
 
 # Minor releases CI runs the suite on: the oldest supported and the newest allowed.
-TESTED: tuple[str, ...] = ("5.23", "5.24")
+TESTED: tuple[str, ...] = ("5.23", "5.24", "5.25")
 CACHE_NAMES = ("cache", "past_key_values")  # the current name first, then the deprecated one
+# Keyword arguments every vistrim ``from_pretrained`` of a model passes (accepted by all of TESTED).
+LOAD_OPTIONS: dict[str, object] = {"use_kernels": False}
 
 
 class VistrimWarning(UserWarning):

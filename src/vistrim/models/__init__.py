@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors import SafetensorError
 
+from ..compat import LOAD_OPTIONS
 from ..errors import VistrimError
 
 NAMED = ("testbed", "testbed2", "llava-geometry", "llava-geometry-672", "tiny")
@@ -182,7 +183,7 @@ def _from_pretrained(spec: str, device: torch.device, dtype: torch.dtype, attn: 
         raise VistrimError(f"cannot load the processor of model {spec!r}: {_first_line(error)}") from None
     try:
         model, info = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn, output_loading_info=True, **options
+            source, dtype=dtype, attn_implementation=attn, output_loading_info=True, **options, **LOAD_OPTIONS
         )
     except ValueError as error:
         raise VistrimError(_value_message(spec, error, "weights")) from None

@@ -50,6 +50,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..compat import LOAD_OPTIONS
 from ..errors import VistrimError
 from .tokenizer import IMAGE_TOKEN
 
@@ -257,7 +258,7 @@ def load_llava_geometry(
         print(f"vistrim: building the {name} model once into {folder} (about 30 s)...", flush=True)
         build_llava_geometry(folder, image_size=VARIANTS[name])
     model = LlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, attn_implementation=attn_implementation
+        folder, dtype=dtype, attn_implementation=attn_implementation, **LOAD_OPTIONS
     )
     processor = LlavaProcessor.from_pretrained(folder)
     return model.to(device).eval(), processor

@@ -30,6 +30,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from ..compat import LOAD_OPTIONS
 from ..data.easyvqa import vocabulary
 from .tiny import build_processor, llava_from_configs
 
@@ -112,7 +113,7 @@ def load_testbed(
     """The trained test-bed (or the one in ``folder``) and its processor from the package assets
     (no network access)."""
     model = LlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        folder, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **LOAD_OPTIONS
     )
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     return model.to(device).eval(), processor
