@@ -263,27 +263,39 @@ def lm_batch(processor, packer: Packer, step: int, args):
     ]
     pixels = pixels_of(processor, [shapes.render(s) for s in scenes])
     grid = shapes.IMAGE_SIZE // shapes.PATCH_SIZE
-    # Where each question's evidence is: the share of every patch its objects cover, and the share
-    # left on the first token (the attention sink). A count looks at the centre patch of every
-    # counted object and at the sink with equal weight, so the sink's share (1 / (n + 1)) says n,
-    # 0 included; other questions put everything on their objects (skipped when there is none).
+    evidence = question_evidence(scenes, per_image, grid, args.count_look)
+    return pixels, packer.pack(per_image), per_image, evidence
+
+
+def question_evidence(scenes, per_image, grid: int, count_look: str = "centre") -> list:
+    """Per question with evidence, ``(scene, question, share of every patch, share of the sink)``:
+    where the look-up word should attend. The sink is the first token (where attention rests).
+
+    Colour, shape, presence and relation questions put everything on the patches their objects
+    cover (questions without objects are skipped). Counts depend on ``count_look``:
+    - ``centre``: the centre patch of every counted object and the sink, equal weights, so the
+      sink's share (1 / (n + 1)) says n, 0 included;
+    - ``kind``: every patch of every counted object, as the other types (the tower writes how many
+      shapes of its kind the scene holds onto each shape's patches, ``--scene-heads``); the sink
+      only when nothing is counted."""
     evidence = []
     for b, (scene, items) in enumerate(zip(scenes, per_image)):
         cover = torch.from_numpy(shapes.patch_coverage(scene)).flatten(1).float()
         centres = centre_patches(scene, grid)
         for q, item in enumerate(items):
             where, sink = torch.zeros(cover.shape[1]), 0.0
+            centred = item.qtype == "count" and count_look == "centre"
             for i in item.objects:
-                if item.qtype == "count":
+                if centred:
                     where[centres[i]] += 1.0
                 else:
                     where += cover[i]
-            if item.qtype == "count":
+            if centred or (item.qtype == "count" and not item.objects):
                 sink = 1.0
             total = float(where.sum()) + sink
             if total > 0:
                 evidence.append((b, q, where / total, sink / total))
-    return pixels, packer.pack(per_image), per_image, evidence
+    return evidence
 
 
 def rebuilt_qk(model, hidden_states, layer: int, position_ids):
@@ -604,6 +616,12 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
     else:
         results = "Not evaluated (run without `--no-eval`).\n"
     vision_min, lm_min = timings.get("vision_s", 0) / 60, timings.get("lm_s", 0) / 60
+    count_target = (
+        "a count's target is the counted objects' centre patches and the first token with equal weights"
+        if getattr(args, "count_look", "centre") == "centre"
+        else "a count's target is every patch of the counted objects, as the other types (it reads the"
+        " tower's same-kind count), and the first token when nothing is counted"
+    )
     word_probe = (
         f"; a linear probe on the look-up word's state at the input of layer {args.look_layer} predicts"
         f" that word (weight {args.word_weight}: 'left' and 'right' stay apart)"
@@ -693,8 +711,7 @@ separate random stream.
    A training-only scaffold (discarded) supervises the two hops of every answer: the question's
    look-up word (the named kind, colour or side) attends to the evidence patches in heads
    0-{args.scaffold_heads - 1} of layer {args.look_layer} (weight {args.look_weight}; over every token
-   the word sees; a count's target is the counted objects' centre patches and the first token with
-   equal weights); a linear probe
+   the word sees; {count_target}); a linear probe
    on the probed word's state predicts the answer (weight {args.probe_weight}); the answer position
    attends to that word in heads 0-{args.scaffold_heads - 1} of a middle layer (weight
    {args.route_weight}){word_probe}.
@@ -749,6 +766,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="look-up word probe loss weight: a linear head on the input of the look-up layer at the "
         "look-up word predicts that word, so that e.g. 'left' and 'right' stay apart (0: off)",
+    )
+    p.add_argument(
+        "--count-look",
+        choices=("centre", "kind"),
+        default="centre",
+        help="where a count's look-up word attends: the counted objects' centre patches and the sink in "
+        "equal shares (centre), or all their patches, the sink only for none (kind: it reads the tower's "
+        "same-kind count)",
     )
     p.add_argument("--route-weight", type=float, default=1.0, help="answer-routing loss weight (0: off)")
     p.add_argument("--route-layer", type=int, help="layer whose routing is supervised (default: 3L/8)")

@@ -273,6 +273,43 @@ def test_scene_targets_rank_sides_and_count_kinds():
             assert many[at] == sum(t.kind == s.kind for t in scene.shapes) - 1
 
 
+@pytest.mark.parametrize("look", ["centre", "kind"])
+def test_count_evidence_follows_the_count_look(look):
+    """--count-look centre: one centre patch per counted object plus the sink, equal shares (the
+    sink's share says the count); kind: all the counted objects' patches, the sink only for none.
+    Other question types are the same either way: their objects' patches, no sink."""
+    script = _load_script()
+    grid = shapes.IMAGE_SIZE // shapes.PATCH_SIZE
+    scenes = shapes.make_scenes("train", 6, 0, photo_dir=str(shapes.PHOTO_DIR))
+    per_image = [
+        shapes.scene_questions(s, shapes.split_rng("train", 7919, i), 2) for i, s in enumerate(scenes)
+    ]
+    evidence = script.question_evidence(scenes, per_image, grid, look)
+    found = {(b, q): (where, sink) for b, q, where, sink in evidence}
+    counts = 0
+    for b, (scene, items) in enumerate(zip(scenes, per_image)):
+        cover = torch.from_numpy(shapes.patch_coverage(scene)).flatten(1).float()
+        for q, item in enumerate(items):
+            if item.qtype != "count" and not item.objects:
+                assert (b, q) not in found
+                continue
+            where, sink = found[(b, q)]
+            assert abs(float(where.sum()) + sink - 1) < 1e-5
+            n = len(item.objects)
+            if item.qtype != "count" or look == "kind":
+                if n:
+                    covered = sum(cover[i] for i in item.objects)
+                    assert sink == 0 and torch.allclose(where, covered / covered.sum())
+                else:
+                    assert sink == 1 and where.sum() == 0
+            else:
+                counts += 1
+                assert sink == pytest.approx(1 / (n + 1))
+                assert (where > 0).sum() == n
+                assert torch.allclose(where[where > 0], torch.full((n,), 1 / (n + 1)))
+    assert counts or look == "kind"
+
+
 # ---------------------------------------------------------------------- the shipped model
 @needs_model
 def test_shipped_testbed2_is_a_stock_llava_at_llava_geometry():
