@@ -7,7 +7,8 @@
   ``<|vision_start|>`` ... ``<|vision_end|>`` run per temporal patch, each after a timestamp text,
   so ``Layout.item`` numbers a video's temporal patches as items of their own. (transformers
   5.23/5.24 expand ``<|video_pad|>`` alone, so the chat template's own boundary tokens stay around
-  the whole video: text either way.)
+  the whole video, as text; 5.25's processor removes that outer pair. The per-patch runs are the
+  same either way. The real video processor is untested here: it needs torchvision.)
 - DeepStack: the vision tower also emits features from some of its layers, and the language model
   adds feature ``j`` to the hidden states of the visual placeholders (``visual_pos_masks``) right
   after decoder layer ``j``, inside its own layer loop. A prefill cut after layer ``l`` shortens
