@@ -618,7 +618,7 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
     vision_min, lm_min = timings.get("vision_s", 0) / 60, timings.get("lm_s", 0) / 60
     count_target = (
         "a count's target is the counted objects' centre patches and the first token with equal weights"
-        if getattr(args, "count_look", "centre") == "centre"
+        if args.count_look == "centre"
         else "a count's target is every patch of the counted objects, as the other types (it reads the"
         " tower's same-kind count), and the first token when nothing is counted"
     )

@@ -32,7 +32,7 @@ from packaging.version import Version
 
 from .errors import VistrimError
 
-# Minor releases CI runs the suite on: the oldest supported and the newest allowed.
+# Supported minor releases, consecutive, oldest first; CI runs the suite on the first and the last.
 TESTED: tuple[str, ...] = ("5.23", "5.24", "5.25")
 CACHE_NAMES = ("cache", "past_key_values")  # the current name first, then the deprecated one
 # Keyword arguments every vistrim ``from_pretrained`` of a model passes (accepted by all of TESTED).
