@@ -49,6 +49,10 @@ from vistrim.models.testbed2 import TINY2_SIZE, Testbed2Size, build_testbed2
 from vistrim.models.tokenizer import IMAGE_TOKEN
 
 IGNORE = -100
+# log(mass + MASS_FLOOR) is the mass head's target; background patches are also set apart by the
+# colour and kind features, so the floor only needs to be well below the mass of a covered patch.
+MASS_FLOOR = 1e-3
+MASS_WEIGHT_FLOOR = 0.01  # the mass loss's weight on a patch is its true mass plus this
 LM_OFFSET = 10_000_000  # stage b draws scenes from a different part of the train stream
 # Loss weight per question type: colour and relation questions are rarer (they need a unique kind).
 TYPE_WEIGHT = {"color": 1.5, "shape": 1.0, "presence": 1.0, "count": 1.0, "relation": 2.5}
@@ -82,7 +86,8 @@ def patch_targets(scene: shapes.Scene, grid: int) -> tuple[torch.Tensor, ...]:
     whether it holds a shape's centre, and two scene-level facts written onto the shape's own
     patches (IGNORE off shapes): its side rank (0 leftmost shape, 1 rightmost, 2 between, by box
     centre) and how many shapes of its kind the scene holds, less one. A patch belongs to the shape
-    covering most of it, if that shape covers at least 30%."""
+    covering most of it, if that shape covers at least 30%. Last, (patches, kinds): the log of every
+    kind's object mass on the patch (:func:`kind_mass`) plus ``MASS_FLOOR``."""
     cover = shapes.patch_coverage(scene)
     best, share = cover.argmax(0), cover.max(0)
     on = share >= 0.3
@@ -99,16 +104,39 @@ def patch_targets(scene: shapes.Scene, grid: int) -> tuple[torch.Tensor, ...]:
     centre = torch.zeros(grid * grid)
     centre[centre_patches(scene, grid)] = 1.0
     flat = (torch.from_numpy(a.reshape(-1)) for a in (colour, kind))
-    return *flat, centre, torch.from_numpy(side.reshape(-1)), torch.from_numpy(many.reshape(-1))
+    mass = torch.from_numpy(np.log(kind_mass(scene) + MASS_FLOOR)).float().flatten(1).T
+    return *flat, centre, torch.from_numpy(side.reshape(-1)), torch.from_numpy(many.reshape(-1)), mass
+
+
+def object_mass(scene: shapes.Scene) -> np.ndarray:
+    """(n_shapes, grid, grid): each shape's coverage of every patch over its area in patches, so that
+    every shape's patches sum to exactly 1 whichever patches it straddles."""
+    cover = shapes.patch_coverage(scene)
+    return cover / cover.sum((1, 2), keepdims=True)
+
+
+def kind_mass(scene: shapes.Scene) -> np.ndarray:
+    """(len(KINDS), grid, grid): per kind, the object mass of that kind's shapes on every patch; its
+    sum over the patches is how many shapes of that kind the scene holds (0 where none)."""
+    mass = object_mass(scene)
+    out = np.zeros((len(shapes.KINDS), *mass.shape[1:]))
+    for shape, m in zip(scene.shapes, mass):
+        out[shapes.KINDS.index(shape.kind)] += m
+    return out
 
 
 class PatchHeads(nn.Module):
     """Dense supervised heads on the tower's layer -2 patch tokens (dropped after stage a)."""
 
-    def __init__(self, hidden: int, grid: int, scene_weight: float = 0.0):
+    def __init__(self, hidden: int, grid: int, scene_weight: float = 0.0, mass_weight: float = 0.0):
         super().__init__()
         self.grid = grid
         self.scene_weight = scene_weight
+        self.mass_weight = mass_weight
+        if mass_weight > 0:  # only then: checkpoints of runs without it still resume
+            # per kind, log object mass (a patch's share of each shape of that kind, over its area):
+            # summed over patches it counts shapes, whichever patches they straddle
+            self.mass = nn.Linear(hidden, len(shapes.KINDS))
         self.norm = nn.LayerNorm(hidden)  # the feature layer output is the raw residual stream
         self.colour = nn.Linear(hidden, 1 + len(shapes.COLORS))
         self.kind = nn.Linear(hidden, len(shapes.KINDS))
@@ -120,7 +148,7 @@ class PatchHeads(nn.Module):
         self.side = nn.Linear(hidden, 3)
         self.many = nn.Linear(hidden, len(shapes.COUNTS) - 1)
 
-    def loss(self, tower, pixels, colour, kind, centre, side, many) -> dict:
+    def loss(self, tower, pixels, colour, kind, centre, side, many, mass) -> dict:
         feats = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         feats = self.norm(feats)
         n = feats.shape[1]
@@ -155,6 +183,17 @@ class PatchHeads(nn.Module):
             with torch.no_grad():
                 extra["side_acc"] = (side_logits.argmax(-1)[on] == side[on]).float().mean()
                 extra["many_acc"] = (many_logits.argmax(-1)[on] == many[on]).float().mean()
+        if self.mass_weight > 0:
+            predicted = self.mass(feats)
+            # squared error in log space, weighted by the true mass (a relative error on the patches
+            # that carry an object's count) plus a little on every patch (the floor elsewhere)
+            true = mass.exp() - MASS_FLOOR
+            weight = true + MASS_WEIGHT_FLOOR
+            mass_loss = (weight * (predicted - mass) ** 2).sum() / weight.sum()
+            total = total + self.mass_weight * mass_loss
+            with torch.no_grad():  # per image and kind, the count read off the patches it covers
+                read = ((predicted.exp() - MASS_FLOOR) * (true > 0)).sum(1)
+                extra["mass_count_err"] = (read - true.sum(1)).abs().mean()
         return {
             **extra,
             "loss": total,
@@ -172,7 +211,7 @@ def vision_batch(processor, step: int, args, grid: int):
     )
     targets = [patch_targets(s, grid) for s in scenes]
     pixels = pixels_of(processor, [shapes.render(s) for s in scenes])
-    return pixels, *(torch.stack([t[i] for t in targets]) for i in range(5))
+    return pixels, *(torch.stack(column) for column in zip(*targets))
 
 
 # ----------------------------------------------------------------------------------------- stage b
@@ -277,20 +316,27 @@ def question_evidence(scenes, per_image, grid: int, count_look: str = "centre") 
       sink's share (1 / (n + 1)) says n, 0 included;
     - ``kind``: every patch of every counted object, as the other types (the tower writes how many
       shapes of its kind the scene holds onto each shape's patches, ``--scene-heads``); the sink
-      only when nothing is counted."""
+      only when nothing is counted;
+    - ``mass``: every patch of every counted object in proportion to its object mass (coverage over
+      the object's area: each object's patches add up to 1), and the sink 1, so the sink's share is
+      1 / (n + 1) whichever patches the objects straddle (the tower writes the mass, ``--mass-weight``).
+    """
     evidence = []
     for b, (scene, items) in enumerate(zip(scenes, per_image)):
         cover = torch.from_numpy(shapes.patch_coverage(scene)).flatten(1).float()
+        mass = torch.from_numpy(object_mass(scene)).flatten(1).float()
         centres = centre_patches(scene, grid)
         for q, item in enumerate(items):
             where, sink = torch.zeros(cover.shape[1]), 0.0
-            centred = item.qtype == "count" and count_look == "centre"
+            counting = item.qtype == "count"
             for i in item.objects:
-                if centred:
+                if counting and count_look == "centre":
                     where[centres[i]] += 1.0
+                elif counting and count_look == "mass":
+                    where += mass[i]
                 else:
                     where += cover[i]
-            if centred or (item.qtype == "count" and not item.objects):
+            if counting and (count_look != "kind" or not item.objects):
                 sink = 1.0
             total = float(where.sum()) + sink
             if total > 0:
@@ -494,7 +540,7 @@ def train(model, processor, args, ckpt: Path) -> dict:
     state = torch.load(ckpt, weights_only=False) if args.resume and ckpt.exists() else {}
     tower = model.model.vision_tower
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    heads = PatchHeads(tower.config.hidden_size, grid, args.scene_heads)
+    heads = PatchHeads(tower.config.hidden_size, grid, args.scene_heads, args.mass_weight)
     timings = dict(state.get("timings", {}))
     # from --init-from, the vision stage runs only --refine-vision steps (fresh heads)
     vision_steps = args.vision_steps if args.init_from is None else args.refine_vision
@@ -616,12 +662,15 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
     else:
         results = "Not evaluated (run without `--no-eval`).\n"
     vision_min, lm_min = timings.get("vision_s", 0) / 60, timings.get("lm_s", 0) / 60
-    count_target = (
-        "a count's target is the counted objects' centre patches and the first token with equal weights"
-        if args.count_look == "centre"
-        else "a count's target is every patch of the counted objects, as the other types (it reads the"
-        " tower's same-kind count), and the first token when nothing is counted"
-    )
+    count_target = {
+        "centre": "a count's target is the counted objects' centre patches and the first token with equal"
+        " weights",
+        "kind": "a count's target is every patch of the counted objects, as the other types (it reads the"
+        " tower's same-kind count), and the first token when nothing is counted",
+        "mass": "a count's target is every patch of the counted objects in proportion to its object mass"
+        " (coverage over the object's area, so each object adds up to 1) and the first token 1: its"
+        " share is 1/(n+1)",
+    }[args.count_look]
     word_probe = (
         f"; a linear probe on the look-up word's state at the input of layer {args.look_layer} predicts"
         f" that word (weight {args.word_weight}: 'left' and 'right' stay apart)"
@@ -649,6 +698,12 @@ def write_card(out: Path, model, args, timings: dict, metrics: dict | None) -> N
             "local: the shape's side rank (leftmost / rightmost / between, by box centre: the only "
             "shape left of X is the leftmost one) and how many shapes of its kind the scene holds "
             f"(weight {args.scene_heads} each)"
+        )
+    if args.mass_weight > 0:
+        scene_heads += (
+            "; per kind, the log of the patch's object mass (its coverage by each shape of that kind over "
+            f"that shape's area, plus {MASS_FLOOR:g}; mean squared error, weight {args.mass_weight}): summed "
+            "over the patches it counts the kind's shapes"
         )
     card = f"""# vistrim test-bed 2: small shapes on photos at LLaVA-1.5 geometry
 
@@ -769,11 +824,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--count-look",
-        choices=("centre", "kind"),
+        choices=("centre", "kind", "mass"),
         default="centre",
         help="where a count's look-up word attends: the counted objects' centre patches and the sink in "
-        "equal shares (centre), or all their patches, the sink only for none (kind: it reads the tower's "
-        "same-kind count)",
+        "equal shares (centre); all their patches, the sink only for none (kind: it reads the tower's "
+        "same-kind count); or all their patches in proportion to object mass, each object 1, and the sink "
+        "1 (mass: the sink's share is 1/(n+1) whichever patches an object straddles; use --mass-weight)",
+    )
+    p.add_argument(
+        "--mass-weight",
+        type=float,
+        default=0.0,
+        help="stage a: weight of the per-patch, per-kind log object mass head (coverage over the "
+        "object's area; summed over patches it counts each kind), what --count-look mass reads (0: off)",
     )
     p.add_argument("--route-weight", type=float, default=1.0, help="answer-routing loss weight (0: off)")
     p.add_argument("--route-layer", type=int, help="layer whose routing is supervised (default: 3L/8)")

@@ -262,7 +262,7 @@ def test_scene_targets_rank_sides_and_count_kinds():
     script = _load_script()
     grid = shapes.IMAGE_SIZE // shapes.PATCH_SIZE
     for scene in shapes.make_scenes("train", 6, 0, photo_dir=str(shapes.PHOTO_DIR)):
-        colour, kind, centre, side, many = script.patch_targets(scene, grid)
+        colour, kind, centre, side, many, mass = script.patch_targets(scene, grid)
         on = colour > 0
         assert ((side == script.IGNORE) == ~on).all() and ((many == script.IGNORE) == ~on).all()
         xs = [s.center_x for s in scene.shapes]
@@ -271,12 +271,20 @@ def test_scene_targets_rank_sides_and_count_kinds():
             want = 0 if xs[i] == min(xs) else 1 if xs[i] == max(xs) else 2
             assert side[at] == want
             assert many[at] == sum(t.kind == s.kind for t in scene.shapes) - 1
+        # the mass target: per kind, summed over the patches, the number of shapes of that kind
+        assert mass.shape == (grid * grid, len(shapes.KINDS))
+        read = (mass.exp() - script.MASS_FLOOR).sum(0)
+        want = torch.tensor([float(sum(s.kind == k for s in scene.shapes)) for k in shapes.KINDS])
+        torch.testing.assert_close(read, want, atol=1e-4, rtol=0)
+        untouched = torch.from_numpy(shapes.patch_coverage(scene).sum(0).reshape(-1) == 0)
+        assert untouched.any() and (mass[untouched] == float(np.log(script.MASS_FLOOR))).all()
 
 
-@pytest.mark.parametrize("look", ["centre", "kind"])
+@pytest.mark.parametrize("look", ["centre", "kind", "mass"])
 def test_count_evidence_follows_the_count_look(look):
     """--count-look centre: one centre patch per counted object plus the sink, equal shares (the
-    sink's share says the count); kind: all the counted objects' patches, the sink only for none.
+    sink's share says the count); kind: all the counted objects' patches, the sink only for none;
+    mass: all the counted objects' patches, each object adding up to the sink's share.
     Other question types are the same either way: their objects' patches, no sink."""
     script = _load_script()
     grid = shapes.IMAGE_SIZE // shapes.PATCH_SIZE
@@ -302,6 +310,13 @@ def test_count_evidence_follows_the_count_look(look):
                     assert sink == 0 and torch.allclose(where, covered / covered.sum())
                 else:
                     assert sink == 1 and where.sum() == 0
+            elif look == "mass":
+                counts += 1
+                assert sink == pytest.approx(1 / (n + 1))
+                for i in item.objects:  # each object's patches, which no other shape shares
+                    alone = (cover[i] > 0) & (cover.sum(0) == cover[i])
+                    torch.testing.assert_close(where[alone], cover[i][alone] / cover[i].sum() / (n + 1))
+                assert float(where.sum()) == pytest.approx(n / (n + 1))
             else:
                 counts += 1
                 assert sink == pytest.approx(1 / (n + 1))
