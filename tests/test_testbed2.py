@@ -349,9 +349,9 @@ def test_shipped_testbed2_is_accurate_and_fast():
     result = accuracy_summary(items, score(items, texts))
     elapsed = time.perf_counter() - start
     assert result["n"] == 300
-    # Issue 15 asks >= 93%; the shipped model (attempt 10) scores 92.3% on this subset: the bar is
-    # its measured level less about a point, so a regression fails (docs/results/testbed2-attempt10).
-    assert result["accuracy"] >= 0.91, result
+    # Issue 15's bar. The shipped model (attempt 15) scores 94.0% on this subset (95.8% on 2,713
+    # further test questions; docs/results/testbed2-attempt15): three answers of margin for CPU numerics.
+    assert result["accuracy"] >= 0.93, result
     assert elapsed < 90, f"load + 300 questions took {elapsed:.1f}s"
 
 
