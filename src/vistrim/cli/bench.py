@@ -123,8 +123,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.model == "testbed" and plan.labelled and plan.samples:
         console.print(
             "accuracy on this test-bed does not rank the methods (a few tokens carry its one flat shape); "
-            "for a ranking at LLaVA-1.5 geometry: vistrim bench --model testbed2 (about 11 min) or "
-            "vistrim eval --model testbed2 (about 7 min)",
+            "for a ranking at LLaVA-1.5 geometry: vistrim bench --model testbed2 (about 13 min) or "
+            "vistrim eval --model testbed2 (about 6 min)",
             highlight=False,
         )
     return 0
