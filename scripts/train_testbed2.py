@@ -104,21 +104,21 @@ def patch_targets(scene: shapes.Scene, grid: int) -> tuple[torch.Tensor, ...]:
     centre = torch.zeros(grid * grid)
     centre[centre_patches(scene, grid)] = 1.0
     flat = (torch.from_numpy(a.reshape(-1)) for a in (colour, kind))
-    mass = torch.from_numpy(np.log(kind_mass(scene) + MASS_FLOOR)).float().flatten(1).T
+    mass = torch.from_numpy(np.log(kind_mass(scene, cover) + MASS_FLOOR)).float().flatten(1).T
     return *flat, centre, torch.from_numpy(side.reshape(-1)), torch.from_numpy(many.reshape(-1)), mass
 
 
-def object_mass(scene: shapes.Scene) -> np.ndarray:
-    """(n_shapes, grid, grid): each shape's coverage of every patch over its area in patches, so that
-    every shape's patches sum to exactly 1 whichever patches it straddles."""
-    cover = shapes.patch_coverage(scene)
+def object_mass(cover: np.ndarray) -> np.ndarray:
+    """(n_shapes, grid, grid): each shape's coverage of every patch (``shapes.patch_coverage``) over
+    its area in patches, so that every shape's patches sum to exactly 1 whichever patches it straddles."""
     return cover / cover.sum((1, 2), keepdims=True)
 
 
-def kind_mass(scene: shapes.Scene) -> np.ndarray:
-    """(len(KINDS), grid, grid): per kind, the object mass of that kind's shapes on every patch; its
-    sum over the patches is how many shapes of that kind the scene holds (0 where none)."""
-    mass = object_mass(scene)
+def kind_mass(scene: shapes.Scene, cover: np.ndarray) -> np.ndarray:
+    """(len(KINDS), grid, grid): per kind, the object mass of that kind's shapes on every patch
+    (``cover``: the scene's ``shapes.patch_coverage``); its sum over the patches is how many shapes of
+    that kind the scene holds (0 where none)."""
+    mass = object_mass(cover)
     out = np.zeros((len(shapes.KINDS), *mass.shape[1:]))
     for shape, m in zip(scene.shapes, mass):
         out[shapes.KINDS.index(shape.kind)] += m
@@ -323,8 +323,9 @@ def question_evidence(scenes, per_image, grid: int, count_look: str = "centre") 
     """
     evidence = []
     for b, (scene, items) in enumerate(zip(scenes, per_image)):
-        cover = torch.from_numpy(shapes.patch_coverage(scene)).flatten(1).float()
-        mass = torch.from_numpy(object_mass(scene)).flatten(1).float()
+        coverage = shapes.patch_coverage(scene)
+        cover = torch.from_numpy(coverage).flatten(1).float()
+        mass = torch.from_numpy(object_mass(coverage)).flatten(1).float()
         centres = centre_patches(scene, grid)
         for q, item in enumerate(items):
             where, sink = torch.zeros(cover.shape[1]), 0.0

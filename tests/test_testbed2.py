@@ -199,8 +199,9 @@ def test_training_continues_from_a_saved_model(tmp_path: Path):
 
 
 def test_refine_vision_runs_the_vision_stage_on_loaded_weights(tmp_path: Path):
-    """--init-from with --refine-vision N: N vision-stage steps (with the scene heads) on the loaded
-    tower, then stage 2; the card says both."""
+    """--init-from with --refine-vision N: N vision-stage steps (with the scene heads and the object
+    mass head, as the shipped recipe) on the loaded tower, then stage 2 with the mass count look-up;
+    the card says all of it."""
     script = _load_script()
     common = ["--tiny", "--photo-dir", str(shapes.PHOTO_DIR), "--vision-steps", "2", "--vision-batch", "2"]
     common += ["--lm-steps", "1", "--lm-images", "2", "--warmup", "1", "--per-type", "1", "--no-eval"]
@@ -208,6 +209,7 @@ def test_refine_vision_runs_the_vision_stage_on_loaded_weights(tmp_path: Path):
     first, second = tmp_path / "first", tmp_path / "second"
     script.main([*common, "--out", str(first)])
     refine = ["--init-from", str(first), "--refine-vision", "3", "--scene-heads", "1"]
+    refine += ["--mass-weight", "1", "--count-look", "mass"]
     script.main([*common, "--out", str(second), *refine])
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     tower = [k for k in a if "vision_tower" in k]
@@ -215,6 +217,7 @@ def test_refine_vision_runs_the_vision_stage_on_loaded_weights(tmp_path: Path):
     card = (second / "MODEL_CARD.md").read_text()
     assert "stage 1 ran 3 more steps on the loaded tower" in card and "side rank" in card
     assert "Vision tower alone (3 steps" in card
+    assert "the log of the patch's object mass" in card and "its share is 1/(n+1)" in card
 
 
 def test_word_probe_keeps_the_look_up_word_and_is_off_by_default(tmp_path: Path):
